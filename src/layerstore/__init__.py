@@ -1,0 +1,50 @@
+"""layerstore: a content-addressed object store for container image layers.
+
+The public API lives here::
+
+    from layerstore import Store
+    with Store.init("/var/lib/mystore") as st:
+        res = st.import_path("layer.tar.gz")
+        st.materialize(res.diff_id, "/tmp/rootfs")
+
+Plumbing (manifests, index, file-system primitives) is importable from the submodules for tools
+that need it, but only the names below are the stable API.
+"""
+
+from .errors import (
+    AmbiguousError,
+    ConcurrencyError,
+    CorruptObjectError,
+    DestinationError,
+    FormatVersionError,
+    InvalidInputError,
+    LayerstoreError,
+    NotFoundError,
+    StoreError,
+    UnsafePathError,
+)
+from .ingest import ImportResult
+from .manifest import Entry
+from .materialize import MaterializeResult
+from .store import LayerInfo, Store, default_store_path
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmbiguousError",
+    "ConcurrencyError",
+    "CorruptObjectError",
+    "DestinationError",
+    "Entry",
+    "FormatVersionError",
+    "ImportResult",
+    "InvalidInputError",
+    "LayerInfo",
+    "LayerstoreError",
+    "MaterializeResult",
+    "NotFoundError",
+    "Store",
+    "StoreError",
+    "UnsafePathError",
+    "default_store_path",
+]

@@ -1,0 +1,91 @@
+"""Digests: blake3 names objects, sha256 is what OCI speaks.
+
+Objects are named by blake3 (fast, and tree-hashed so large files can be hashed on several
+cores); every object also records its sha256 because OCI manifests, DiffIDs and zstd:chunked TOCs
+identify content by sha256 and a pull must be able to ask "do we have sha256:X?" in one lookup.
+Inside the index digests are raw 32-byte strings; on disk and in user-facing text they are lower
+case hex (``blake3:`` / ``sha256:`` prefixed where the algorithm is not obvious from context).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+import blake3 as _blake3
+
+from .errors import InvalidInputError
+
+DIGEST_SIZE: Final = 32
+# Hashing below this size is not worth a thread hop; above it blake3 can use its own threads.
+_BLAKE3_MT_THRESHOLD: Final = 4 << 20
+
+
+class DualHasher:
+    """Computes blake3 and sha256 of the same byte stream in one pass over it."""
+
+    __slots__ = ("_b3", "_sha", "size")
+
+    def __init__(self) -> None:
+        self._b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed more bytes; both hashes release the GIL for large buffers."""
+        self._b3.update(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def blake3(self) -> bytes:
+        return self._b3.digest()
+
+    def sha256(self) -> bytes:
+        return self._sha.digest()
+
+
+def blake3_of(data: bytes | bytearray | memoryview) -> bytes:
+    """blake3 of an in-memory buffer (32 raw bytes)."""
+    return _blake3.blake3(data).digest()
+
+
+def sha256_of(data: bytes | bytearray | memoryview) -> bytes:
+    """sha256 of an in-memory buffer (32 raw bytes)."""
+    return hashlib.sha256(data).digest()
+
+
+def hash_file(path: str, bufsize: int = 1 << 20) -> DualHasher:
+    """Hash a file's content with both algorithms, streaming (bounded memory)."""
+    h = DualHasher()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(bufsize)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h
+
+
+def to_hex(raw: bytes) -> str:
+    return raw.hex()
+
+
+def parse_hex(text: str, algo: str = "") -> bytes:
+    """Parse ``hex`` or ``algo:hex`` into 32 raw bytes, with an error a user can act on."""
+    if ":" in text:
+        prefix, _, text = text.partition(":")
+        if algo and prefix != algo:
+            raise InvalidInputError(f"expected a {algo} digest, got {prefix}:{text}")
+    if len(text) != 2 * DIGEST_SIZE:
+        raise InvalidInputError(f"a digest is {2 * DIGEST_SIZE} hex characters, got {text!r}")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InvalidInputError(f"not a hex digest: {text!r}") from None
+
+
+def oci(raw_sha256: bytes) -> str:
+    """Format a raw sha256 as an OCI digest string."""
+    return "sha256:" + raw_sha256.hex()

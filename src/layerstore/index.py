@@ -1,0 +1,157 @@
+"""The LMDB index: what objects exist, who references them, who is reading them.
+
+LMDB gives one writer at a time across all processes and lock-free snapshot readers, and a
+committed write transaction is durable.  Every state change of the store is one write
+transaction, so the index is always consistent; files on disk are made to follow the index in an
+order that leaves only *orphans* (files with no record) after a crash, never records without
+files (see docs/concurrency.md).
+
+Named databases (keys are raw 32-byte digests unless noted; the layout is in docs/format.md):
+
+``meta``        format version and store-wide settings
+``objects``     blake3 -> size u64, sha256, refcount u64
+``sha256``      sha256 -> blake3 (OCI digests and TOC digests resolve here)
+``layers``      DiffID -> JSON layer record
+``compressed``  compressed-blob sha256 -> DiffID
+``pins``        blake3 -> lease id (dupsort): objects a live operation is about to read/publish
+``lease_pins``  lease id + blake3 -> "" (reverse map, to drop a dead lease's pins)
+``layer_pins``  DiffID + lease id -> "" (a materialization reading a layer)
+``doomed``      blake3 -> lease id of the gc that is unlinking it right now
+``chunks``      chunk sha256 -> blake3, offset, length (zstd:chunked reuse)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+import lmdb
+
+from .errors import StoreError
+
+DB_NAMES: Final = (
+    b"meta",
+    b"objects",
+    b"sha256",
+    b"layers",
+    b"compressed",
+    b"pins",
+    b"lease_pins",
+    b"layer_pins",
+    b"doomed",
+    b"chunks",
+)
+_DUPSORT: Final = {b"pins"}
+_OBJ = struct.Struct("<Q32sQ")
+
+# Address space only: LMDB grows the file as needed.  256 GiB is far beyond the ~200 bytes per
+# object a store of millions of objects needs, and costs nothing on 64-bit systems.
+DEFAULT_MAP_SIZE: Final = 1 << 38
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    size: int
+    sha256: bytes
+    refs: int
+
+    def pack(self) -> bytes:
+        return _OBJ.pack(self.size, self.sha256, self.refs)
+
+    @staticmethod
+    def unpack(raw: bytes) -> ObjectRecord:
+        size, sha, refs = _OBJ.unpack(raw)
+        return ObjectRecord(size, sha, refs)
+
+
+class Index:
+    """Thin owner of the LMDB environment and its named databases for one process.
+
+    An LMDB environment must not cross ``fork()``; :meth:`check_pid` lets the store reopen it in
+    a child instead of corrupting the lock table.
+    """
+
+    def __init__(self, path: str, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE):
+        self.path = path
+        self.pid = os.getpid()
+        try:
+            self.env = lmdb.open(
+                path,
+                map_size=map_size,
+                max_dbs=len(DB_NAMES) + 4,
+                max_readers=1024,
+                subdir=True,
+                readonly=readonly,
+                create=not readonly,
+                lock=True,
+                sync=True,
+                metasync=True,
+                readahead=False,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the index at {path}: {exc}") from None
+        # Readers that died (kill -9) leave stale slots; clear them so they neither pin old
+        # pages forever nor exhaust max_readers.
+        if not readonly:
+            self.env.reader_check()
+        self.db: dict[bytes, Any] = {}
+        with self.env.begin(write=not readonly) as txn:
+            for name in DB_NAMES:
+                self.db[name] = self.env.open_db(
+                    name, txn=txn, create=not readonly, dupsort=name in _DUPSORT
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(write=False, buffers=False)
+
+    def write(self) -> lmdb.Transaction:
+        return self.env.begin(write=True)
+
+    # -- objects ---------------------------------------------------------------------------
+    def get_object(self, txn: lmdb.Transaction, b3: bytes) -> ObjectRecord | None:
+        raw = txn.get(b3, db=self.db[b"objects"])
+        return None if raw is None else ObjectRecord.unpack(raw)
+
+    def put_object(self, txn: lmdb.Transaction, b3: bytes, rec: ObjectRecord) -> None:
+        txn.put(b3, rec.pack(), db=self.db[b"objects"])
+
+    def add_refs(self, txn: lmdb.Transaction, b3: bytes, delta: int) -> ObjectRecord:
+        """Change an object's reference count; a missing record here is index corruption."""
+        rec = self.get_object(txn, b3)
+        if rec is None:
+            raise StoreError(
+                f"index has a reference to object {b3.hex()} but no record of it; "
+                "run `layerstore fsck --repair`"
+            )
+        refs = rec.refs + delta
+        if refs < 0:
+            refs = 0  # never wrap; fsck reports and rebuilds counts from manifests
+        new = ObjectRecord(rec.size, rec.sha256, refs)
+        self.put_object(txn, b3, new)
+        return new
+
+    # -- layers ----------------------------------------------------------------------------
+    def get_layer(self, txn: lmdb.Transaction, diff_id: bytes) -> dict[str, Any] | None:
+        raw = txn.get(diff_id, db=self.db[b"layers"])
+        return None if raw is None else json.loads(raw)
+
+    def put_layer(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
+        txn.put(diff_id, json.dumps(rec, sort_keys=True).encode(), db=self.db[b"layers"])
+
+    def iter_layers(self, txn: lmdb.Transaction) -> list[tuple[bytes, dict[str, Any]]]:
+        cur = txn.cursor(db=self.db[b"layers"])
+        return [(bytes(k), json.loads(v)) for k, v in cur]
+
+    # -- meta ------------------------------------------------------------------------------
+    def get_meta(self, txn: lmdb.Transaction, key: str) -> str | None:
+        raw = txn.get(key.encode(), db=self.db[b"meta"])
+        return None if raw is None else bytes(raw).decode()
+
+    def put_meta(self, txn: lmdb.Transaction, key: str, value: str) -> None:
+        txn.put(key.encode(), value.encode(), db=self.db[b"meta"])

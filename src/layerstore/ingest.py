@@ -1,0 +1,719 @@
+"""Ingest: turn a tar stream (plain, gzip or zstd) into objects and a layer manifest.
+
+The import runs in three phases so that bad input never changes what the store shows:
+
+1. **Stream.**  Decompress (format detected by magic bytes), parse the tar, validate every name,
+   hash every file (blake3 + sha256).  Content the index already has is *pinned* (a short write
+   transaction per batch, so gc cannot take it away before our layer references it) and not
+   written again; new content is written to this process's staging directory, named by digest.
+   The manifest is written to staging too.  Any error here discards staging and pins: the store
+   is as it was.
+2. **Publish.**  ``syncfs`` makes staged data durable; then, in write transactions of bounded
+   size, each new object is renamed into ``objects/``, recorded (refcount 0) and pinned; a second
+   ``syncfs`` makes the renames durable before the transaction commits.  A crash leaves at worst
+   orphan files or unreferenced records, which gc removes.
+3. **Commit.**  One write transaction adds the layer record and the references its manifest
+   makes, and drops the import's pins.  From this commit on the layer exists.
+
+Pins are held against this process's lease, so a killed import's pins are reclaimed by gc.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import tarfile
+import threading
+import time
+import urllib.parse
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
+
+import zstandard
+
+from . import leases
+from .digests import DualHasher, sha256_of
+from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
+from .fsutil import syncfs
+from .index import ObjectRecord
+from .manifest import (
+    BLOCK,
+    CHAR,
+    DIR,
+    FIFO,
+    HARDLINK,
+    REG,
+    SYMLINK,
+    Entry,
+    ManifestWriter,
+)
+from .paths import PathSet, ancestors, normalize
+
+if TYPE_CHECKING:
+    from .store import Store
+
+# Files up to this size are kept in the manifest instead of becoming objects.  composefs uses
+# 64 bytes; docs/benchmarks.md has the measurement behind keeping that value.
+INLINE_MAX: Final = 64
+# Files up to this size are read into memory and hashed before anything is written, so content
+# already stored is never written again.  Larger files stream through a staging file.
+MEM_MAX: Final = 8 << 20
+# Known-content pins are taken in batches of this many digests or this many held bytes.
+PIN_BATCH: Final = 4096
+PIN_BATCH_BYTES: Final = 64 << 20
+# New objects are published in write transactions of at most this many renames.
+PUBLISH_BATCH: Final = 4096
+_READ = 1 << 20
+
+GZIP_MAGIC: Final = b"\x1f\x8b"
+ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+
+
+def _is_zstd_skippable(head: bytes) -> bool:
+    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and (head[0] & 0xF0) == 0x50
+
+
+# -- stream plumbing ---------------------------------------------------------------------------
+class _HashingReader:
+    """A read-only file object that hashes (sha256) and counts everything read through it.
+
+    It also keeps the last few chunks it returned, with their offsets, so the importer can
+    inspect the bytes where tarfile stopped (to tell a real end-of-archive from truncation).
+    """
+
+    def __init__(
+        self, raw: Any, progress: Callable[[int], None] | None = None, keep: int = 0
+    ) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.pos = 0
+        self.progress = progress
+        self.keep = keep
+        self.window: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=4)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n if n is not None and n >= 0 else _READ)
+        if data:
+            self.sha.update(data)
+            if self.keep:
+                self.window.append((self.pos, data))
+            self.pos += len(data)
+            if self.progress is not None:
+                self.progress(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def bytes_at(self, offset: int, n: int) -> bytes | None:
+        """The n bytes at ``offset`` if they are still in the window."""
+        out = bytearray()
+        for start, chunk in self.window:
+            end = start + len(chunk)
+            if end <= offset + len(out) or start > offset + len(out):
+                continue
+            lo = offset + len(out) - start
+            out += chunk[lo : lo + n - len(out)]
+            if len(out) >= n:
+                return bytes(out)
+        return bytes(out) if len(out) >= n else None
+
+    def drain(self) -> None:
+        while self.read(_READ):
+            pass
+
+
+class _GzipStream:
+    """Multi-member gzip decompression with errors mapped to InvalidInputError."""
+
+    def __init__(self, raw: Any) -> None:
+        self._g = gzip.GzipFile(fileobj=raw, mode="rb")
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._g.read(n)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InvalidInputError(f"gzip stream is corrupt or truncated: {exc}") from None
+
+
+class _ZstdStream:
+    def __init__(self, raw: Any) -> None:
+        self._z = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_across_frames=True, read_size=_READ
+        )
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._z.read(n if n >= 0 else _READ)
+        except zstandard.ZstdError as exc:
+            raise InvalidInputError(f"zstd stream is corrupt: {exc}") from None
+
+
+class _Peek:
+    """Lets us look at the first bytes of a non-seekable stream and still read them."""
+
+    def __init__(self, raw: Any, head: bytes) -> None:
+        self.raw = raw
+        self.head = head
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n < 0 or n >= len(self.head):
+                out, self.head = self.head, b""
+                if n < 0:
+                    return out + self.raw.read()
+                more = self.raw.read(n - len(out)) if n > len(out) else b""
+                return out + more
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.raw.read(n)
+
+
+def detect_compression(head: bytes) -> str:
+    """'gzip', 'zstd' or 'none' from the first bytes; other known formats are refused."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC) or _is_zstd_skippable(head):
+        return "zstd"
+    if head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00"):
+        raise InvalidInputError(
+            "bzip2/xz layers are not supported (OCI layers are tar, tar+gzip or tar+zstd); "
+            "decompress it first and import the plain tar"
+        )
+    return "none"
+
+
+# -- the import ------------------------------------------------------------------------------
+@dataclass
+class ImportResult:
+    """What an import did; also the JSON the CLI prints."""
+
+    diff_id: str
+    compressed_digest: str
+    compression: str
+    manifest: str
+    entries: int
+    files: int
+    logical_bytes: int
+    new_objects: int = 0
+    new_bytes: int = 0
+    reused_objects: int = 0
+    inline_files: int = 0
+    already_present: bool = False
+    seconds: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    raw = ti.pax_headers.get("mtime") if ti.pax_headers else None
+    if raw is not None:
+        try:
+            return int(Decimal(raw) * 1_000_000_000)
+        except (InvalidOperation, ValueError):
+            raise InvalidInputError(f"entry {ti.name!r} has a bad PAX mtime {raw!r}") from None
+    return int(ti.mtime) * 1_000_000_000
+
+
+def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for k, v in (ti.pax_headers or {}).items():
+        if k.startswith("SCHILY.xattr."):
+            out[k[len("SCHILY.xattr.") :]] = v.encode("utf-8", "surrogateescape")
+        elif k.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote(k[len("LIBARCHIVE.xattr.") :])
+            out.setdefault(name, base64.b64decode(v + "=" * (-len(v) % 4)))
+    return out
+
+
+class _Importer:
+    def __init__(self, store: Store, progress: Callable[[int], None] | None) -> None:
+        self.store = store
+        self.idx = store.index
+        self.lease = store.lease.id
+        self.progress = progress
+        self.stage = store.new_staging_dir("import")
+        self.obj_stage = os.path.join(self.stage, "objects")
+        os.mkdir(self.obj_stage)
+        self.fanout_made: set[str] = set()
+        self.pending: list[tuple[bytes, bytes, int, bytes | None]] = []
+        self.pending_bytes = 0
+        self.pinned: set[bytes] = set()  # bounded by distinct known objects; see _flush_pins
+        self.staged_new = 0
+        self.staged_bytes = 0
+        self.reused = 0
+        self.inline = 0
+        self.files = 0
+        self.logical = 0
+
+    # staging -----------------------------------------------------------------------------
+    def _staged_path(self, b3: bytes, sha: bytes) -> str:
+        fan = b3[:1].hex()
+        d = os.path.join(self.obj_stage, fan)
+        if fan not in self.fanout_made:
+            os.makedirs(d, exist_ok=True)
+            self.fanout_made.add(fan)
+        return os.path.join(d, b3.hex() + "." + sha.hex())
+
+    def _known(self, b3: bytes) -> bool:
+        with self.idx.read() as txn:
+            return txn.get(b3, db=self.idx.db[b"objects"]) is not None
+
+    def _write_staged(self, b3: bytes, sha: bytes, data: bytes) -> None:
+        path = self._staged_path(b3, sha)
+        if os.path.exists(path):
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+        self.staged_new += 1
+        self.staged_bytes += len(data)
+
+    def add_content(self, data: bytes) -> bytes:
+        """Handle an in-memory file: reuse if known (pin later), else stage.  Returns blake3."""
+        h = DualHasher()
+        h.update(data)
+        b3, sha = h.blake3(), h.sha256()
+        if b3 in self.pinned:
+            self.reused += 1
+        elif self._known(b3):
+            self.pending.append((b3, sha, len(data), data))
+            self.pending_bytes += len(data)
+            if len(self.pending) >= PIN_BATCH or self.pending_bytes >= PIN_BATCH_BYTES:
+                self._flush_pins()
+        else:
+            self._write_staged(b3, sha, data)
+        return b3
+
+    def add_stream(self, f: BinaryIO, size: int) -> bytes:
+        """Handle a large file: stream it to staging while hashing, then dedup by digest."""
+        h = DualHasher()
+        tmp = os.path.join(self.obj_stage, f"stream-{time.monotonic_ns()}.tmp")
+        with open(tmp, "wb") as out:
+            left = size
+            while left:
+                buf = f.read(min(_READ, left))
+                if not buf:
+                    raise InvalidInputError("tar stream ends inside a file's data (truncated)")
+                h.update(buf)
+                out.write(buf)
+                left -= len(buf)
+        b3, sha = h.blake3(), h.sha256()
+        path = self._staged_path(b3, sha)
+        if b3 in self.pinned or os.path.exists(path):
+            os.unlink(tmp)
+            self.reused += b3 in self.pinned
+        elif self._known(b3):
+            # Keep the staged copy until the pin batch decides: the index might lose it first.
+            os.rename(tmp, path)
+            self.pending.append((b3, sha, size, None))
+            self._flush_pins()
+        else:
+            os.rename(tmp, path)
+            self.staged_new += 1
+            self.staged_bytes += size
+        return b3
+
+    def _flush_pins(self) -> None:
+        """Pin batch of known digests; anything that vanished meanwhile is staged instead."""
+        if not self.pending:
+            return
+        live = leases.LivenessChecker(self.store.leases_dir, own=self.lease)
+        objs, doomed = self.idx.db[b"objects"], self.idx.db[b"doomed"]
+        with self.idx.write() as txn:
+            lost = []
+            for b3, sha, size, data in self.pending:
+                if b3 in self.pinned:
+                    continue
+                if txn.get(b3, db=objs) is not None and txn.get(b3, db=doomed) is None:
+                    leases.pin_objects(self.idx, txn, self.lease, [b3])
+                    self.pinned.add(b3)
+                else:
+                    lost.append((b3, sha, size, data))
+            del live
+        for b3, sha, size, data in self.pending:
+            if b3 in self.pinned:
+                self.reused += 1
+                if data is None:  # staged large file no longer needed
+                    try:
+                        os.unlink(self._staged_path(b3, sha))
+                    except FileNotFoundError:
+                        pass
+        for b3, sha, size, data in lost:
+            if data is not None:
+                self._write_staged(b3, sha, data)
+            else:
+                self.staged_new += 1
+                self.staged_bytes += size
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    # publish ------------------------------------------------------------------------------
+    def publish(self) -> None:
+        """Phase 2: make staged objects durable, rename them into objects/, record and pin."""
+        dfd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(dfd)
+            batch: list[tuple[str, bytes, bytes, int]] = []
+            for fan in sorted(self.fanout_made):
+                with os.scandir(os.path.join(self.obj_stage, fan)) as it:
+                    for de in it:
+                        name = de.name
+                        if name.endswith(".tmp"):
+                            continue
+                        b3h, _, shah = name.partition(".")
+                        b3 = bytes.fromhex(b3h)
+                        if b3 in self.pinned:
+                            continue
+                        batch.append((de.path, b3, bytes.fromhex(shah), de.stat().st_size))
+                        if len(batch) >= PUBLISH_BATCH:
+                            self._publish_batch(batch, dfd)
+                            batch = []
+            if batch:
+                self._publish_batch(batch, dfd)
+        finally:
+            os.close(dfd)
+
+    def _publish_batch(self, batch: list[tuple[str, bytes, bytes, int]], dfd: int) -> None:
+        idx = self.idx
+        objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
+        for attempt in range(600):
+            live = leases.LivenessChecker(self.store.leases_dir, own=self.lease)
+            busy = False
+            with idx.write() as txn:
+                for src, b3, sha, size in batch:
+                    owner = txn.get(b3, db=doomed)
+                    if owner is not None:
+                        if live.alive(owner):
+                            busy = True  # a live gc is unlinking this digest right now
+                            break
+                        txn.delete(b3, db=doomed)  # that gc died; its intent is void
+                    if txn.get(b3, db=objs) is None:
+                        dst = self.store.object_path(b3)
+                        os.chmod(src, 0o444)
+                        os.rename(src, dst)
+                        idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
+                        txn.put(sha, b3, db=shadb)
+                    leases.pin_objects(idx, txn, self.lease, [b3])
+                if busy:
+                    txn.abort()
+                else:
+                    syncfs(dfd)  # the renames are durable before the records commit
+            if not busy:
+                self.pinned.update(b3 for _, b3, _, _ in batch)
+                return
+            time.sleep(0.05)
+        raise ConcurrencyError("gc kept objects of this import doomed for 30 s; retry the import")
+
+
+def _iter_tar(
+    tf: tarfile.TarFile, window: _HashingReader
+) -> Iterator[tuple[tarfile.TarInfo, BinaryIO | None]]:
+    while True:
+        try:
+            ti = tf.next()
+        except tarfile.ReadError as exc:
+            raise InvalidInputError(f"tar stream is malformed or truncated: {exc}") from None
+        except (EOFError, zlib.error) as exc:
+            raise InvalidInputError(f"tar stream is truncated: {exc}") from None
+        tf.members = []  # tarfile keeps every member otherwise: O(entries) memory
+        if ti is None:
+            # tarfile also stops quietly on a truncated or garbage header: insist on the
+            # end-of-archive zero block where it stopped.
+            block = window.bytes_at(tf.offset, 512)
+            if block is None:
+                window.drain()
+                block = window.bytes_at(tf.offset, 512)
+            if block is None or block != bytes(512):
+                raise InvalidInputError(
+                    f"tar stream is truncated or corrupt at byte {tf.offset}: "
+                    "no end-of-archive marker"
+                )
+            return
+        yield ti, (tf.extractfile(ti) if ti.isreg() else None)
+
+
+def import_tar(
+    store: Store,
+    stream: BinaryIO,
+    progress: Callable[[int], None] | None = None,
+    source: str = "",
+) -> ImportResult:
+    """Import one layer from a tar stream (plain/gzip/zstd); see the module docstring."""
+    t0 = time.monotonic()
+    raw = _HashingReader(stream, progress)
+    head = b""
+    while len(head) < 6:
+        more = stream.read(6 - len(head))
+        if not more:
+            break
+        head += more
+    raw.sha.update(head)
+    raw.pos += len(head)
+    if progress:
+        progress(len(head))
+    if not head:
+        raise InvalidInputError("empty input: expected a tar stream")
+    compression = detect_compression(head)
+    src: Any = _Peek(raw, head)
+    if compression == "gzip":
+        src = _GzipStream(src)
+    elif compression == "zstd":
+        src = _ZstdStream(src)
+    tar_stream = _HashingReader(src, keep=1)
+
+    imp = _Importer(store, progress=None)
+    try:
+        result = _stream_phase(imp, tar_stream, compression)
+        raw.drain()  # the compressed digest covers every byte of the blob
+        diff_id = tar_stream.sha.digest()
+        comp_digest = raw.sha.digest()
+        imp.publish()
+        result.diff_id = "sha256:" + diff_id.hex()
+        result.compressed_digest = "sha256:" + comp_digest.hex()
+        present = store._commit_layer(
+            diff_id,
+            comp_digest,
+            bytes.fromhex(result.manifest),
+            {
+                "entries": result.entries,
+                "files": result.files,
+                "bytes": result.logical_bytes,
+                "compression": compression,
+                "source": source,
+            },
+            imp.pinned,
+        )
+        result.already_present = present
+        result.new_objects = imp.staged_new
+        result.new_bytes = imp.staged_bytes
+        result.reused_objects = imp.reused
+        result.seconds = time.monotonic() - t0
+        return result
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(
+                f"the store's filesystem is full ({exc}); nothing was imported. "
+                "Free space (e.g. `layerstore gc`) and retry"
+            ) from None
+        raise
+    finally:
+        store.release_import_pins(imp.pinned)
+        shutil.rmtree(imp.stage, ignore_errors=True)
+
+
+def _stream_phase(imp: _Importer, tar_stream: _HashingReader, compression: str) -> ImportResult:
+    store = imp.store
+    mpath = os.path.join(imp.stage, "manifest.tmp")
+    dirs = PathSet()
+    nondirs = PathSet()
+    symlinks = PathSet()
+    entries = 0
+    try:
+        tf = tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2)  # type: ignore[call-overload]
+    except tarfile.ReadError as exc:
+        raise InvalidInputError(f"not a tar stream ({compression}): {exc}") from None
+    with open(mpath, "wb") as mf:
+        mw = ManifestWriter(mf)
+        for ti, data in _iter_tar(tf, tar_stream):
+            entries += 1
+            path = normalize(ti.name)
+            for anc in ancestors(path):
+                if anc in symlinks or anc in nondirs:
+                    raise UnsafePathError(
+                        f"entry {ti.name!r} would be written through non-directory {anc!r} "
+                        "(a symlink or file earlier in the layer)"
+                    )
+                dirs.add(anc)
+            e = Entry(
+                path,
+                REG,
+                mode=ti.mode & 0o7777,
+                uid=ti.uid,
+                gid=ti.gid,
+                mtime_ns=_mtime_ns(ti),
+                xattrs=_xattrs(ti),
+            )
+            if ti.isdir():
+                if path in nondirs:
+                    raise InvalidInputError(f"entry {ti.name!r} is a directory and a non-directory")
+                e.kind = DIR
+                dirs.add(path)
+            else:
+                if path == "." or path in dirs:
+                    raise InvalidInputError(
+                        f"entry {ti.name!r} replaces a directory with a non-directory"
+                    )
+                nondirs.add(path)
+                if ti.isreg():
+                    assert data is not None
+                    size = ti.size
+                    e.size = size
+                    imp.files += 1
+                    imp.logical += size
+                    if size <= INLINE_MAX:
+                        buf = _read_exact(data, size, ti.name)
+                        e.inline = buf
+                        imp.inline += 1
+                    elif size <= MEM_MAX:
+                        e.digest = imp.add_content(_read_exact(data, size, ti.name))
+                    else:
+                        e.digest = imp.add_stream(data, size)  # type: ignore[arg-type]
+                elif ti.issym():
+                    e.kind = SYMLINK
+                    if not ti.linkname:
+                        raise InvalidInputError(f"symlink {ti.name!r} has an empty target")
+                    e.linkname = ti.linkname
+                    symlinks.add(path)
+                elif ti.islnk():
+                    e.kind = HARDLINK
+                    target = normalize(ti.linkname, "hardlink target")
+                    if target not in nondirs or target == path:
+                        raise UnsafePathError(
+                            f"hardlink {ti.name!r} points to {ti.linkname!r}, which is not an "
+                            "earlier file of this layer"
+                        )
+                    e.linkname = target
+                elif ti.ischr() or ti.isblk():
+                    e.kind = CHAR if ti.ischr() else BLOCK
+                    e.devmajor, e.devminor = ti.devmajor, ti.devminor
+                elif ti.isfifo():
+                    e.kind = FIFO
+                else:
+                    raise InvalidInputError(
+                        f"entry {ti.name!r} has unsupported tar type {ti.type!r}"
+                    )
+            mw.add(e)
+        imp._flush_pins()
+        mw.close()
+    # The manifest is an object like any other: hash it and stage it under its digest.
+    with open(mpath, "rb") as f:
+        mdata = f.read()
+    os.unlink(mpath)
+    mb3 = imp.add_content(mdata)
+    imp._flush_pins()
+    return ImportResult(
+        diff_id="",
+        compressed_digest="",
+        compression=compression,
+        manifest=mb3.hex(),
+        entries=entries,
+        files=imp.files,
+        logical_bytes=imp.logical,
+        inline_files=imp.inline,
+    )
+
+
+def _read_exact(f: BinaryIO, size: int, name: str) -> bytes:
+    try:
+        data = f.read(size)
+    except tarfile.ReadError as exc:
+        raise InvalidInputError(f"tar data of {name!r} is truncated: {exc}") from None
+    except (EOFError, zlib.error) as exc:
+        raise InvalidInputError(f"tar data of {name!r} is truncated: {exc}") from None
+    if len(data) != size:
+        raise InvalidInputError(
+            f"tar stream ends inside {name!r} ({len(data)} of {size} bytes): truncated"
+        )
+    return data
+
+
+# -- directories -------------------------------------------------------------------------------
+def tar_directory(root: str, out: BinaryIO) -> None:
+    """Write a deterministic PAX tar of a directory (sorted names, xattrs, numeric owners).
+
+    Importing a directory goes through this, so a directory layer gets a real DiffID and the
+    same validation as any tar.  Runs in a thread writing into a pipe.
+    """
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        seen_inodes: dict[tuple[int, int], str] = {}
+
+        def add(rel: str, full: str) -> None:
+            st = os.lstat(full)
+            ti = tf.gettarinfo(full, arcname=rel)
+            ti.uname = ti.gname = ""
+            ti.pax_headers = {}
+            ns = st.st_mtime_ns
+            if ns % 1_000_000_000:
+                ti.pax_headers["mtime"] = f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+            try:
+                names = os.listxattr(full, follow_symlinks=False)
+            except OSError:
+                names = []
+            for name in sorted(names):
+                try:
+                    val = os.getxattr(full, name, follow_symlinks=False)
+                except OSError:
+                    continue
+                ti.pax_headers["SCHILY.xattr." + name] = val.decode("utf-8", "surrogateescape")
+            if ti.isreg() and st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen_inodes:
+                    ti.type = tarfile.LNKTYPE
+                    ti.linkname = seen_inodes[key]
+                    ti.size = 0
+                    tf.addfile(ti)
+                    return
+                seen_inodes[key] = rel
+            if ti.isreg():
+                with open(full, "rb") as f:
+                    tf.addfile(ti, f)
+            else:
+                tf.addfile(ti)
+
+        def walk(rel: str, full: str) -> None:
+            with os.scandir(full) as it:
+                names = sorted(de.name for de in it)
+            for name in names:
+                r = name if rel == "." else f"{rel}/{name}"
+                f = os.path.join(full, name)
+                add(r, f)
+                if os.path.isdir(f) and not os.path.islink(f):
+                    walk(r, f)
+
+        add(".", root)
+        walk(".", root)
+
+
+def import_directory(
+    store: Store, root: str, progress: Callable[[int], None] | None = None
+) -> ImportResult:
+    if not os.path.isdir(root):
+        raise InvalidInputError(f"{root} is not a directory")
+    rfd, wfd = os.pipe()
+    err: list[BaseException] = []
+
+    def producer() -> None:
+        try:
+            with open(wfd, "wb", buffering=1 << 20) as w:
+                tar_directory(root, w)
+        except BrokenPipeError:
+            pass
+        except BaseException as exc:  # reported by the consumer
+            err.append(exc)
+
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    with open(rfd, "rb", buffering=1 << 20) as r:
+        try:
+            result = import_tar(store, r, progress, source=f"dir:{os.path.abspath(root)}")
+        finally:
+            r.close()
+            t.join()
+    if err:
+        raise InvalidInputError(f"reading {root} failed: {err[0]}")
+    return result
+
+
+__all__ = ["ImportResult", "import_tar", "import_directory", "detect_compression", "sha256_of"]

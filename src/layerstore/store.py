@@ -1,0 +1,433 @@
+"""The public face of layerstore: :class:`Store`.
+
+Everything a caller does goes through a ``Store``: import a layer, list, show, materialize,
+remove, account for space.  Modules below it each do one job (``ingest``, ``materialize``,
+``manifest``, ``index``, ``leases``, ``fsutil``); this module holds the store layout, the
+transactions that change what layers exist, and nothing else.
+
+Layout of a store root (docs/format.md has the details)::
+
+    layerstore.json     {"format": 1}  -- refused if newer than this build
+    index/              LMDB environment (data.mdb, lock.mdb)
+    objects/00..ff/     immutable 0444 files named by blake3 hex (fan-out by first byte)
+    staging/<lease>/    per-process scratch space on the same filesystem
+    leases/<lease>.lock one flock-held file per process that has the store open
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Final
+
+import lmdb
+
+from . import leases
+from .digests import parse_hex
+from .errors import AmbiguousError, FormatVersionError, InvalidInputError, NotFoundError, StoreError
+from .index import Index, ObjectRecord
+from .manifest import REG, Entry, read_manifest
+
+FORMAT_VERSION: Final = 1
+FORMAT_FILE: Final = "layerstore.json"
+ENV_STORE: Final = "LAYERSTORE_STORE"
+
+
+def default_store_path() -> str:
+    """``$LAYERSTORE_STORE``, else ``$XDG_DATA_HOME/layerstore``, else ``~/.local/share/...``."""
+    env = os.environ.get(ENV_STORE)
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return os.path.join(base, "layerstore")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer as the index records it."""
+
+    diff_id: str
+    manifest: str
+    compressed: tuple[str, ...]
+    entries: int
+    files: int
+    bytes: int
+    created: float
+    source: str
+    compression: str
+    state: str
+
+    @staticmethod
+    def from_record(diff_id: bytes, rec: dict[str, Any]) -> LayerInfo:
+        return LayerInfo(
+            diff_id="sha256:" + diff_id.hex(),
+            manifest=rec["manifest"],
+            compressed=tuple("sha256:" + c for c in rec.get("compressed", [])),
+            entries=rec["entries"],
+            files=rec["files"],
+            bytes=rec["bytes"],
+            created=rec["created"],
+            source=rec.get("source", ""),
+            compression=rec.get("compression", ""),
+            state=rec.get("state", "live"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["compressed"] = list(self.compressed)
+        return d
+
+
+class Store:
+    """A layerstore at ``root``.  Open one per process (LMDB environments do not cross fork).
+
+    Use as a context manager, or call :meth:`close`: closing releases this process's lease.
+    """
+
+    def __init__(self, root: str, *, create: bool = False) -> None:
+        self.root = os.path.abspath(root)
+        self.objects_dir = os.path.join(self.root, "objects")
+        self.staging_dir = os.path.join(self.root, "staging")
+        self.leases_dir = os.path.join(self.root, "leases")
+        fmt_path = os.path.join(self.root, FORMAT_FILE)
+        if create:
+            self._create_layout(fmt_path)
+        self._check_format(fmt_path)
+        self.index = Index(os.path.join(self.root, "index"))
+        with self.index.write() as txn:
+            if self.index.get_meta(txn, "format") is None:
+                self.index.put_meta(txn, "format", str(FORMAT_VERSION))
+        self.lease = leases.Lease(self.leases_dir)
+        self._stage_seq = itertools.count()
+
+    # -- layout --------------------------------------------------------------------------
+    def _create_layout(self, fmt_path: str) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        for d in (self.objects_dir, self.staging_dir, self.leases_dir, self._p("index")):
+            os.makedirs(d, exist_ok=True)
+        for i in range(256):
+            os.makedirs(os.path.join(self.objects_dir, f"{i:02x}"), exist_ok=True)
+        if not os.path.exists(fmt_path):
+            tmp = fmt_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"format": FORMAT_VERSION, "created": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, fmt_path)
+
+    def _check_format(self, fmt_path: str) -> None:
+        try:
+            with open(fmt_path) as f:
+                fmt = json.load(f)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.root} is not a layerstore store (no {FORMAT_FILE}); "
+                "create one with `layerstore init`"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {fmt_path}: {exc}") from None
+        version = fmt.get("format") if isinstance(fmt, dict) else None
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{self.root} has on-disk format {version!r}; this layerstore reads format "
+                f"{FORMAT_VERSION}. Use a layerstore release that supports it"
+            )
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def object_path(self, b3: bytes) -> str:
+        h = b3.hex()
+        return os.path.join(self.objects_dir, h[:2], h)
+
+    def new_staging_dir(self, kind: str) -> str:
+        """A fresh directory under ``staging/<lease>/``; gc removes those of dead processes."""
+        d = os.path.join(self.staging_dir, self.lease.id.hex(), f"{kind}-{next(self._stage_seq)}")
+        os.makedirs(d)
+        return d
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: str) -> Store:
+        return cls(root, create=True)
+
+    def close(self) -> None:
+        try:
+            self.index.close()
+        finally:
+            self.lease.release()
+            import shutil
+
+            shutil.rmtree(os.path.join(self.staging_dir, self.lease.id.hex()), ignore_errors=True)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- import ----------------------------------------------------------------------------
+    def import_tar(
+        self,
+        stream: BinaryIO,
+        progress: Callable[[int], None] | None = None,
+        source: str = "",
+    ) -> Any:
+        """Import a layer from a tar stream (plain, gzip or zstd, detected by magic bytes)."""
+        from .ingest import import_tar
+
+        return import_tar(self, stream, progress, source)
+
+    def import_path(self, path: str, progress: Callable[[int], None] | None = None) -> Any:
+        """Import from a tar file, ``-`` (stdin), or a directory."""
+        from .ingest import import_directory, import_tar
+
+        if path == "-":
+            return import_tar(self, sys.stdin.buffer, progress, source="stdin")
+        if os.path.isdir(path):
+            return import_directory(self, path, progress)
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise InvalidInputError(f"cannot open {path}: {exc.strerror}") from None
+        with f:
+            return import_tar(self, f, progress, source=os.path.abspath(path))
+
+    def _commit_layer(
+        self,
+        diff_id: bytes,
+        comp: bytes,
+        manifest_b3: bytes,
+        info: dict[str, Any],
+        pinned: set[bytes],
+    ) -> bool:
+        """Phase 3 of an import: the layer record and its references, in one transaction.
+
+        Returns True if the layer was already stored (then no references are added).
+        """
+        idx = self.index
+        with idx.write() as txn:
+            rec = idx.get_layer(txn, diff_id)
+            present = rec is not None
+            if rec is None:
+                for e in self._manifest_entries(manifest_b3):
+                    if e.kind == REG and e.digest is not None:
+                        idx.add_refs(txn, e.digest, +1)
+                idx.add_refs(txn, manifest_b3, +1)
+                rec = {
+                    "manifest": manifest_b3.hex(),
+                    "compressed": [],
+                    "created": time.time(),
+                    "state": "live",
+                    **info,
+                }
+            elif rec.get("state") == "deleted":
+                rec["state"] = "live"  # removed while pinned; references were never dropped
+            if comp.hex() not in rec["compressed"]:
+                rec["compressed"].append(comp.hex())
+            txn.put(comp, diff_id, db=idx.db[b"compressed"])
+            idx.put_layer(txn, diff_id, rec)
+            leases.unpin_objects(idx, txn, self.lease.id, pinned)
+        pinned.clear()
+        return present
+
+    def release_import_pins(self, pinned: set[bytes]) -> None:
+        if not pinned:
+            return
+        with self.index.write() as txn:
+            leases.unpin_objects(self.index, txn, self.lease.id, pinned)
+
+    # -- queries ---------------------------------------------------------------------------
+    def _manifest_entries(self, manifest_b3: bytes) -> Iterator[Entry]:
+        path = self.object_path(manifest_b3)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise StoreError(
+                f"manifest object {manifest_b3.hex()} is missing; run `layerstore fsck`"
+            ) from None
+        with f:
+            yield from read_manifest(f)
+
+    def layers(self, include_deleted: bool = False) -> list[LayerInfo]:
+        with self.index.read() as txn:
+            out = [LayerInfo.from_record(k, r) for k, r in self.index.iter_layers(txn)]
+        if not include_deleted:
+            out = [li for li in out if li.state == "live"]
+        return sorted(out, key=lambda li: li.created)
+
+    def resolve(self, ref: str) -> bytes:
+        """A layer's DiffID from: a full or prefixed DiffID, or a compressed-blob digest."""
+        text = ref.removeprefix("sha256:").lower()
+        if not text or any(c not in "0123456789abcdef" for c in text):
+            raise InvalidInputError(f"{ref!r} is not a layer id (hex DiffID or digest prefix)")
+        idx = self.index
+        with idx.read() as txn:
+            if len(text) == 64:
+                raw = bytes.fromhex(text)
+                rec = idx.get_layer(txn, raw)
+                if rec is not None and rec.get("state", "live") == "live":
+                    return raw
+                alias = txn.get(raw, db=idx.db[b"compressed"])
+                if alias is not None:
+                    return bytes(alias)
+                raise NotFoundError(f"no layer {ref} (neither DiffID nor compressed digest)")
+            matches = [
+                k
+                for k, rec in idx.iter_layers(txn)
+                if k.hex().startswith(text) and rec.get("state", "live") == "live"
+            ]
+        if not matches:
+            raise NotFoundError(f"no layer matches {ref!r}; `layerstore ls` lists them")
+        if len(matches) > 1:
+            raise AmbiguousError(f"{ref!r} matches {len(matches)} layers; give more digits")
+        return matches[0]
+
+    def layer(self, ref: str) -> LayerInfo:
+        diff_id = self.resolve(ref)
+        with self.index.read() as txn:
+            rec = self.index.get_layer(txn, diff_id)
+        if rec is None:
+            raise NotFoundError(f"layer {ref} was removed")
+        return LayerInfo.from_record(diff_id, rec)
+
+    def entries(self, ref: str) -> Iterator[Entry]:
+        """Stream a layer's manifest entries (in tar order)."""
+        info = self.layer(ref)
+        return self._manifest_entries(parse_hex(info.manifest))
+
+    def get_object(self, b3: bytes) -> ObjectRecord | None:
+        with self.index.read() as txn:
+            return self.index.get_object(txn, b3)
+
+    def lookup_sha256(self, sha: bytes) -> bytes | None:
+        """blake3 name of the object whose sha256 is ``sha`` (OCI / TOC digests)."""
+        with self.index.read() as txn:
+            raw = txn.get(sha, db=self.index.db[b"sha256"])
+        return None if raw is None else bytes(raw)
+
+    # -- materialize -------------------------------------------------------------------------
+    def materialize(
+        self,
+        ref: str,
+        dest: str,
+        *,
+        mode: str = "reflink",
+        progress: Callable[[int], None] | None = None,
+        workers: int = 0,
+        sync: bool = True,
+    ) -> Any:
+        """Build the layer as a directory tree at ``dest`` (which must not exist)."""
+        from .materialize import materialize
+
+        diff_id = self.resolve(ref)
+        with self.index.write() as txn:
+            rec = self.index.get_layer(txn, diff_id)
+            if rec is None or rec.get("state") != "live":
+                raise NotFoundError(f"layer {ref} was removed")
+            leases.pin_layer(self.index, txn, self.lease.id, diff_id)
+        try:
+            return materialize(
+                self,
+                parse_hex(rec["manifest"]),
+                dest,
+                mode=mode,
+                progress=progress,
+                workers=workers,
+                sync=sync,
+                total_files=rec["files"],
+            )
+        finally:
+            self._unpin_layer(diff_id)
+
+    def _unpin_layer(self, diff_id: bytes) -> None:
+        idx = self.index
+        with idx.write() as txn:
+            leases.unpin_layer(idx, txn, self.lease.id, diff_id)
+            rec = idx.get_layer(txn, diff_id)
+            if rec is not None and rec.get("state") == "deleted":
+                live = leases.LivenessChecker(self.leases_dir)
+                if not any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
+                    self._drop_layer_refs(txn, diff_id, rec)
+
+    # -- remove ----------------------------------------------------------------------------
+    def remove(self, ref: str) -> dict[str, Any]:
+        """Drop a layer's references in one transaction.  Never unlinks a file (gc does).
+
+        If a live process is materializing the layer, the layer disappears from listings now
+        and its references are dropped when that process unpins it (or dies).
+        """
+        diff_id = self.resolve(ref)
+        idx = self.index
+        t0 = time.monotonic()
+        with idx.write() as txn:
+            rec = idx.get_layer(txn, diff_id)
+            if rec is None or rec.get("state") != "live":
+                raise NotFoundError(f"layer {ref} was removed already")
+            live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
+            if any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
+                rec["state"] = "deleted"
+                idx.put_layer(txn, diff_id, rec)
+                for c in rec.get("compressed", []):
+                    txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
+                deferred = True
+            else:
+                self._drop_layer_refs(txn, diff_id, rec)
+                deferred = False
+        return {
+            "diff_id": "sha256:" + diff_id.hex(),
+            "deferred": deferred,
+            "seconds": time.monotonic() - t0,
+        }
+
+    def _drop_layer_refs(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
+        idx = self.index
+        mb3 = parse_hex(rec["manifest"])
+        for e in self._manifest_entries(mb3):
+            if e.kind == REG and e.digest is not None:
+                idx.add_refs(txn, e.digest, -1)
+        idx.add_refs(txn, mb3, -1)
+        for c in rec.get("compressed", []):
+            txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
+        txn.delete(diff_id, db=idx.db[b"layers"])
+        for p in leases.layer_pinners(idx, txn, diff_id):
+            leases.unpin_layer(idx, txn, p, diff_id)
+
+    # -- accounting ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Logical bytes (what layers contain) vs physical bytes (what objects hold)."""
+        idx = self.index
+        objects = 0
+        physical = 0
+        unreferenced = 0
+        unreferenced_bytes = 0
+        with idx.read() as txn:
+            for _k, v in txn.cursor(db=idx.db[b"objects"]):
+                rec = ObjectRecord.unpack(v)
+                objects += 1
+                physical += rec.size
+                if rec.refs == 0:
+                    unreferenced += 1
+                    unreferenced_bytes += rec.size
+            layers = [LayerInfo.from_record(k, r) for k, r in idx.iter_layers(txn)]
+        live = [li for li in layers if li.state == "live"]
+        logical = sum(li.bytes for li in live)
+        return {
+            "store": self.root,
+            "layers": len(live),
+            "layers_pending_delete": len(layers) - len(live),
+            "files": sum(li.files for li in live),
+            "logical_bytes": logical,
+            "objects": objects,
+            "physical_bytes": physical,
+            "unreferenced_objects": unreferenced,
+            "unreferenced_bytes": unreferenced_bytes,
+            "dedup_ratio": round(logical / physical, 3) if physical else None,
+        }
