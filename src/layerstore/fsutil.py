@@ -14,7 +14,7 @@ import fcntl
 import os
 import struct
 import threading
-from enum import Enum
+from enum import StrEnum
 from typing import Final
 
 FICLONE: Final = 0x40049409
@@ -43,7 +43,7 @@ _NO_CLONE: Final = {
 }
 
 
-class CopyMethod(str, Enum):
+class CopyMethod(StrEnum):
     """How a file's data reached its destination (reported per materialization)."""
 
     REFLINK = "reflink"

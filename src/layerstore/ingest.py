@@ -329,20 +329,19 @@ class _Importer:
         """Pin batch of known digests; anything that vanished meanwhile is staged instead."""
         if not self.pending:
             return
-        live = leases.LivenessChecker(self.store.leases_dir, own=self.lease)
         objs, doomed = self.idx.db[b"objects"], self.idx.db[b"doomed"]
+        lost: dict[bytes, tuple[bytes, int, bytes | None]] = {}
         with self.idx.write() as txn:
-            lost = []
             for b3, sha, size, data in self.pending:
-                if b3 in self.pinned:
+                if b3 in self.pinned or b3 in lost:
                     continue
+                # A record being unlinked by gc (doomed) is as good as gone: write our own.
                 if txn.get(b3, db=objs) is not None and txn.get(b3, db=doomed) is None:
                     leases.pin_objects(self.idx, txn, self.lease, [b3])
                     self.pinned.add(b3)
                 else:
-                    lost.append((b3, sha, size, data))
-            del live
-        for b3, sha, size, data in self.pending:
+                    lost[b3] = (sha, size, data)
+        for b3, sha, _size, data in self.pending:
             if b3 in self.pinned:
                 self.reused += 1
                 if data is None:  # staged large file no longer needed
@@ -350,7 +349,7 @@ class _Importer:
                         os.unlink(self._staged_path(b3, sha))
                     except FileNotFoundError:
                         pass
-        for b3, sha, size, data in lost:
+        for b3, (sha, size, data) in lost.items():
             if data is not None:
                 self._write_staged(b3, sha, data)
             else:
@@ -388,7 +387,7 @@ class _Importer:
     def _publish_batch(self, batch: list[tuple[str, bytes, bytes, int]], dfd: int) -> None:
         idx = self.idx
         objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
-        for attempt in range(600):
+        for _attempt in range(600):
             live = leases.LivenessChecker(self.store.leases_dir, own=self.lease)
             busy = False
             with idx.write() as txn:
@@ -514,7 +513,6 @@ def import_tar(
 
 
 def _stream_phase(imp: _Importer, tar_stream: _HashingReader, compression: str) -> ImportResult:
-    store = imp.store
     mpath = os.path.join(imp.stage, "manifest.tmp")
     dirs = PathSet()
     nondirs = PathSet()
