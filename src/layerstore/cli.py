@@ -1,0 +1,235 @@
+"""The ``layerstore`` command line (click for parsing, tqdm for progress).
+
+Exit codes: 0 success; 1 unexpected error; 2 bad input; 3 store unusable; 4 not found;
+5 corrupt object; 6 bad destination; 7 concurrency conflict (retry).  ``fsck`` and ``gc`` add
+their own (docs/operations.md).  ``--json`` prints one JSON document on stdout and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from .errors import LayerstoreError
+from .store import ENV_STORE, Store, default_store_path
+
+
+class Ctx:
+    def __init__(self, store: str, as_json: bool, quiet: bool) -> None:
+        self.store_path = store
+        self.json = as_json
+        self.quiet = quiet
+
+    def open(self, create: bool = False) -> Store:
+        return Store(self.store_path, create=create)
+
+    def out(self, data: Any, human: Callable[[], None]) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif not self.quiet:
+            human()
+
+    @contextmanager
+    def progress(self, total: int | None, unit: str, desc: str) -> Iterator[Any]:
+        show = not (self.json or self.quiet) and sys.stderr.isatty()
+        with tqdm(
+            total=total,
+            unit=unit,
+            unit_scale=True,
+            desc=desc,
+            disable=not show,
+            file=sys.stderr,
+            leave=False,
+        ) as bar:
+            yield bar.update
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store",
+    "store",
+    envvar=ENV_STORE,
+    default=default_store_path,
+    show_default=f"${ENV_STORE} or ~/.local/share/layerstore",
+    help="Store root directory.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no human output.")
+@click.pass_context
+def cli(ctx: click.Context, store: str, as_json: bool, quiet: bool) -> None:
+    """Content-addressed store for container image layers."""
+    ctx.obj = Ctx(store, as_json, quiet)
+
+
+@cli.command()
+@click.pass_obj
+def init(c: Ctx) -> None:
+    """Create the store (idempotent)."""
+    with c.open(create=True) as st:
+        c.out({"store": st.root}, lambda: click.echo(f"initialized {st.root}"))
+
+
+@cli.command("import")
+@click.argument("sources", nargs=-1, required=True)
+@click.pass_obj
+def import_(c: Ctx, sources: tuple[str, ...]) -> None:
+    """Import layers from tar files (plain/gzip/zstd), directories, or - for stdin."""
+    results = []
+    with c.open(create=True) as st:
+        for src in sources:
+            total = os.path.getsize(src) if src != "-" and os.path.isfile(src) else None
+            with c.progress(total, "B", f"import {os.path.basename(src)}") as upd:
+                r = st.import_path(src, progress=upd)
+            results.append(r.to_json())
+            if not c.json and not c.quiet:
+                state = "already stored" if r.already_present else "imported"
+                click.echo(
+                    f"{r.diff_id}  {state}: {r.entries} entries, {r.files} files, "
+                    f"{_human_bytes(r.logical_bytes)}; new {r.new_objects} objects "
+                    f"({_human_bytes(r.new_bytes)}), reused {r.reused_objects}, "
+                    f"inline {r.inline_files}; {r.seconds:.2f}s"
+                )
+    if c.json:
+        click.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
+
+
+@cli.command("ls")
+@click.pass_obj
+def ls(c: Ctx) -> None:
+    """List layers."""
+    with c.open() as st:
+        layers = st.layers()
+
+    def human() -> None:
+        click.echo(f"{'DIFF ID':<20} {'FILES':>8} {'SIZE':>11}  SOURCE")
+        for li in layers:
+            click.echo(
+                f"{li.diff_id[7:26]:<20} {li.files:>8} {_human_bytes(li.bytes):>11}  {li.source}"
+            )
+
+    c.out([li.to_json() for li in layers], human)
+
+
+@cli.command()
+@click.argument("layer")
+@click.option("--entries/--no-entries", default=False, help="List every entry.")
+@click.pass_obj
+def show(c: Ctx, layer: str, entries: bool) -> None:
+    """Show a layer (by DiffID prefix or compressed digest)."""
+    with c.open() as st:
+        info = st.layer(layer)
+        data: dict[str, Any] = info.to_json()
+        if entries:
+            data["entries_list"] = [e.to_json() for e in st.entries(info.diff_id)]
+
+    def human() -> None:
+        for k, v in info.to_json().items():
+            click.echo(f"{k:>12}: {v}")
+        for e in data.get("entries_list", []):
+            click.echo(f"  {e['type']:<8} {e['mode']} {e['uid']}:{e['gid']} {e['path']}")
+
+    c.out(data, human)
+
+
+@cli.command()
+@click.argument("layer")
+@click.argument("dest")
+@click.option(
+    "--mode",
+    type=click.Choice(["reflink", "copy", "hardlink"]),
+    default="reflink",
+    show_default=True,
+    help="reflink: new inodes sharing data (falls back to copying); hardlink: shared inodes.",
+)
+@click.option("--no-sync", is_flag=True, help="Skip the syncfs before publishing the tree.")
+@click.pass_obj
+def materialize(c: Ctx, layer: str, dest: str, mode: str, no_sync: bool) -> None:
+    """Build LAYER as a new directory DEST."""
+    with c.open() as st:
+        info = st.layer(layer)
+        with c.progress(info.files, "files", "materialize") as upd:
+            r = st.materialize(info.diff_id, dest, mode=mode, progress=upd, sync=not no_sync)
+
+    def human() -> None:
+        methods = ", ".join(f"{k} {v}" for k, v in sorted(r.methods.items()))
+        click.echo(f"{r.dest}: {r.entries} entries in {r.seconds:.2f}s ({methods})")
+        if r.skipped:
+            click.echo(f"skipped (not permitted here): {r.skipped}", err=True)
+
+    c.out(r.to_json(), human)
+
+
+@cli.command("rm")
+@click.argument("layers", nargs=-1, required=True)
+@click.pass_obj
+def rm(c: Ctx, layers: tuple[str, ...]) -> None:
+    """Remove layers (drops references; `gc` frees the space)."""
+    out = []
+    with c.open() as st:
+        for ref in layers:
+            out.append(st.remove(ref))
+
+    def human() -> None:
+        for r in out:
+            note = " (in use: references dropped when readers finish)" if r["deferred"] else ""
+            click.echo(f"removed {r['diff_id']}{note}")
+
+    c.out(out, human)
+
+
+@cli.command("du")
+@click.pass_obj
+def du(c: Ctx) -> None:
+    """Logical vs physical bytes and the dedup ratio (alias: stats)."""
+    with c.open() as st:
+        s = st.stats()
+
+    def human() -> None:
+        click.echo(f"layers        {s['layers']}  ({s['files']} files)")
+        click.echo(f"logical       {_human_bytes(s['logical_bytes'])}")
+        click.echo(f"physical      {_human_bytes(s['physical_bytes'])} in {s['objects']} objects")
+        click.echo(
+            f"unreferenced  {_human_bytes(s['unreferenced_bytes'])} in "
+            f"{s['unreferenced_objects']} objects (gc frees these)"
+        )
+        click.echo(f"dedup ratio   {s['dedup_ratio']}")
+
+    c.out(s, human)
+
+
+cli.add_command(du, "stats")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except LayerstoreError as exc:
+        click.echo(f"layerstore: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(141)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Round trip: import a tar, materialize it, compare with what GNU ``tar -x`` makes of it."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, gnu_tar, gnu_untar
+from treecmp import diff_trees
+
+from layerstore import Store
+from layerstore.manifest import DIR, HARDLINK, REG, SYMLINK
+
+# A valid VFS_CAP_REVISION_2 security.capability value (cap_net_bind_service, effective).
+CAP_NET_BIND = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+def build_tree(root: Path) -> Path:
+    """Every kind of entry a layer can hold, with awkward metadata."""
+    root.mkdir()
+    (root / "etc").mkdir()
+    (root / "etc" / "hostname").write_text("box\n")
+    (root / "etc" / "big.bin").write_bytes(os.urandom(300_000))
+    (root / "empty").write_bytes(b"")
+    (root / "tiny").write_bytes(b"x" * 64)
+    (root / "small").write_bytes(b"y" * 65)
+    (root / "dup1").write_bytes(b"same content in two files" * 10)
+    (root / "dup2").write_bytes(b"same content in two files" * 10)
+    deep = root / "a" / "b" / "c" / ("long-name-" * 20)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 200)).write_text("deep and long\n")
+    (root / "usr" / "bin").mkdir(parents=True)
+    suid = root / "usr" / "bin" / "su"
+    suid.write_bytes(b"#!/bin/sh\necho su\n" * 5)
+    os.chmod(suid, 0o4755)
+    sgid = root / "usr" / "bin" / "wall"
+    sgid.write_bytes(b"#!/bin/sh\necho wall\n" * 5)
+    os.chmod(sgid, 0o2755)
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", 0o1777)
+    os.link(root / "etc" / "big.bin", root / "usr" / "bin" / "hardlinked")
+    os.symlink("../etc/hostname", root / "usr" / "hostname-link")
+    os.symlink("/absolute/dangling", root / "dangling")
+    os.mkfifo(root / "fifo")
+    ping = root / "usr" / "bin" / "ping"
+    ping.write_bytes(b"\x7fELF fake ping" * 10)
+    os.chmod(ping, 0o755)
+    os.setxattr(root / "etc" / "hostname", "user.comment", b"hello \x00\xff binary")
+    (root / "ro").mkdir()
+    (root / "ro" / "inside").write_text("in a read-only dir\n")
+    if IS_ROOT:
+        os.setxattr(ping, "security.capability", CAP_NET_BIND)
+        os.setxattr(root / "etc", "trusted.overlay.opaque", b"y")
+        os.mknod(root / "null", 0o666 | 0o020000, os.makedev(1, 3))
+        os.mknod(root / "sda", 0o660 | 0o060000, os.makedev(8, 0))
+        os.chown(root / "etc" / "hostname", 1234, 5678)
+        os.lchown(root / "dangling", 42, 43)
+        os.chown(root / "tmp", 0, 100)
+    os.chmod(root / "ro", 0o555)
+    # Nanosecond mtimes, set last (children first so directories keep theirs).
+    t = 1_600_000_000_123_456_789
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for n in filenames + dirnames:
+            os.utime(os.path.join(dirpath, n), ns=(t, t), follow_symlinks=False)
+            t += 1_000_000_007
+        os.utime(dirpath, ns=(t, t))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree_and_tars(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    base = tmp_path_factory.mktemp("rt")
+    src = build_tree(base / "src")
+    tars = {
+        "pax": gnu_tar(src, base / "pax.tar"),
+        "gnu": gnu_tar(src, base / "gnu.tar", fmt="gnu"),
+    }
+    subprocess.run(["gzip", "-n", "-k", str(tars["pax"])], check=True)
+    tars["pax.gz"] = base / "pax.tar.gz"
+    subprocess.run(
+        ["zstd", "-q", "-k", str(tars["pax"]), "-o", str(base / "pax.tar.zst")], check=True
+    )
+    tars["pax.zst"] = base / "pax.tar.zst"
+    return src, tars
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu", "pax.gz", "pax.zst"])
+def test_materialize_equals_tar_x(store: Store, tree_and_tars, tmp_path: Path, kind: str) -> None:
+    _src, tars = tree_and_tars
+    expected = gnu_untar(tars[kind], tmp_path / "tar-x")
+    res = store.import_path(str(tars[kind]))
+    assert res.compression == {"pax.gz": "gzip", "pax.zst": "zstd"}.get(kind, "none")
+    got = tmp_path / "mat"
+    m = store.materialize(res.diff_id, str(got))
+    assert diff_trees(str(expected), str(got)) == []
+    # ext4 (the root fs here) cannot reflink: the fallback must be used and reported.
+    assert m.methods.get("reflink", 0) == 0 or m.methods.get("copy_file_range", 0) == 0
+    assert sum(m.methods.values()) == m.files
+
+
+def test_diff_id_is_sha256_of_uncompressed_tar(store: Store, tree_and_tars) -> None:
+    import hashlib
+
+    _src, tars = tree_and_tars
+    raw = tars["pax"].read_bytes()
+    gz = tars["pax.gz"].read_bytes()
+    r1 = store.import_path(str(tars["pax.gz"]))
+    assert r1.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert r1.compressed_digest == "sha256:" + hashlib.sha256(gz).hexdigest()
+    # Same layer, other compression: found by either digest, stored once.
+    r2 = store.import_path(str(tars["pax.zst"]))
+    assert r2.diff_id == r1.diff_id and r2.already_present
+    assert store.resolve(r1.compressed_digest) == store.resolve(r2.compressed_digest)
+    assert len(store.layers()) == 1
+
+
+def test_manifest_keeps_every_kind(store: Store, tree_and_tars) -> None:
+    _src, tars = tree_and_tars
+    res = store.import_path(str(tars["pax"]))
+    entries = {e.path: e for e in store.entries(res.diff_id)}
+    assert entries["."].kind == DIR
+    assert entries["usr/bin/su"].mode == 0o4755
+    assert entries["tmp"].mode == 0o1777
+    assert entries["usr/hostname-link"].kind == SYMLINK
+    assert entries["usr/hostname-link"].linkname == "../etc/hostname"
+    links = [e for e in entries.values() if e.kind == HARDLINK]
+    assert len(links) == 1 and {links[0].path, links[0].linkname} == {
+        "etc/big.bin",
+        "usr/bin/hardlinked",
+    }
+    assert entries["etc/hostname"].xattrs["user.comment"] == b"hello \x00\xff binary"
+    assert entries["tiny"].inline == b"x" * 64 and entries["small"].digest is not None
+    assert entries["empty"].kind == REG and entries["empty"].inline == b""
+    assert entries["etc/hostname"].mtime_ns % 1_000_000_000 != 0  # nanoseconds survive
+    if IS_ROOT:
+        assert entries["usr/bin/ping"].xattrs["security.capability"] == CAP_NET_BIND
+        assert (entries["null"].devmajor, entries["null"].devminor) == (1, 3)
+        assert (entries["etc/hostname"].uid, entries["etc/hostname"].gid) == (1234, 5678)
+
+
+def test_import_directory_equals_source(store: Store, tree_and_tars, tmp_path: Path) -> None:
+    src, _ = tree_and_tars
+    res = store.import_path(str(src))
+    got = tmp_path / "mat"
+    store.materialize(res.diff_id, str(got))
+    assert diff_trees(str(src), str(got)) == []
+
+
+def test_dedup_two_layers_share_content(store: Store, tmp_path: Path) -> None:
+    """Two layers sharing files store each content once (objects and bytes counted)."""
+    shared = {f"shared/{i}": os.urandom(10_000 + i) for i in range(50)}
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    for root, extra in ((a, b"only in a" * 100), (b, b"only in b" * 100)):
+        for rel, data in shared.items():
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        (root / "own").write_bytes(extra)
+    ra = store.import_path(str(gnu_tar(a, tmp_path / "a.tar")))
+    before = store.stats()
+    rb = store.import_path(str(gnu_tar(b, tmp_path / "b.tar")))
+    after = store.stats()
+    assert rb.reused_objects == 50 and rb.new_objects == 2  # its own file + its manifest
+    assert after["objects"] - before["objects"] == 2
+    shared_bytes = sum(len(d) for d in shared.values())
+    unique = shared_bytes + 2 * 900
+    assert after["logical_bytes"] == 2 * shared_bytes + 2 * 900
+    manifests = sum(store.get_object(bytes.fromhex(li.manifest)).size for li in store.layers())
+    assert after["physical_bytes"] - manifests == unique
+    # On disk: one file per object.
+    files = sum(len(fs) for _, _, fs in os.walk(store.objects_dir))
+    assert files == after["objects"]
+    assert ra.diff_id != rb.diff_id
+
+
+def test_remove_drops_references_never_files(store: Store, tree_and_tars) -> None:
+    _src, tars = tree_and_tars
+    res = store.import_path(str(tars["pax"]))
+    files_before = sorted(p for _, _, fs in os.walk(store.objects_dir) for p in fs)
+    out = store.remove(res.diff_id)
+    assert not out["deferred"]
+    assert store.layers() == []
+    s = store.stats()
+    assert s["unreferenced_objects"] == s["objects"] > 0
+    assert sorted(p for _, _, fs in os.walk(store.objects_dir) for p in fs) == files_before
+
+
+def test_store_format_version_checked(tmp_path: Path) -> None:
+    import json
+
+    from layerstore import FormatVersionError, StoreError
+
+    Store.init(str(tmp_path / "s")).close()
+    (tmp_path / "s" / "layerstore.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(FormatVersionError, match="format 99"):
+        Store(str(tmp_path / "s"))
+    with pytest.raises(StoreError, match="layerstore init"):
+        Store(str(tmp_path / "nothing-here"))
+
+
+def test_materialize_refuses_existing_destination(store: Store, tree_and_tars, tmp_path: Path):
+    from layerstore import DestinationError
+
+    _src, tars = tree_and_tars
+    res = store.import_path(str(tars["pax"]))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(DestinationError):
+        store.materialize(res.diff_id, str(tmp_path / "exists"))
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
