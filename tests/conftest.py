@@ -56,7 +56,8 @@ def _loopfs_unavailable(kind: str) -> str | None:
         return "not running as root (loop mounts need root)"
     tool = {"xfs": "mkfs.xfs", "btrfs": "mkfs.btrfs"}[kind]
     if shutil.which(tool) is None:
-        return f"{tool} is not installed (apt-get install {'xfsprogs' if kind == 'xfs' else 'btrfs-progs'})"
+        pkg = "xfsprogs" if kind == "xfs" else "btrfs-progs"
+        return f"{tool} is not installed (apt-get install {pkg})"
     return None
 
 
