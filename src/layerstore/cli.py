@@ -215,6 +215,27 @@ def du(c: Ctx) -> None:
 cli.add_command(du, "stats")
 
 
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Report what would be freed; change nothing.")
+@click.pass_obj
+def gc(c: Ctx, dry_run: bool) -> None:
+    """Free objects no layer references and no running operation pins."""
+    with c.open() as st:
+        with c.progress(None, "objects", "gc") as upd:
+            r = st.gc(dry_run=dry_run, progress=upd)
+
+    def human() -> None:
+        verb = "would free" if dry_run else "freed"
+        click.echo(
+            f"{verb} {r.objects_freed} objects ({_human_bytes(r.bytes_freed)}), "
+            f"{r.orphans_removed} orphan files ({_human_bytes(r.orphan_bytes)}); "
+            f"{r.dead_leases} dead leases, {r.layers_finalized} deferred removals finished, "
+            f"{r.skipped_pinned} pinned objects kept; {r.seconds:.2f}s"
+        )
+
+    c.out(r.to_json(), human)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

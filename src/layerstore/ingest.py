@@ -391,23 +391,25 @@ class _Importer:
             live = leases.LivenessChecker(self.store.leases_dir, own=self.lease)
             busy = False
             with idx.write() as txn:
-                for src, b3, sha, size in batch:
+                # Check every digest before renaming anything: an aborted attempt must leave
+                # the staged files where the retry expects them.
+                for _src, b3, _sha, _size in batch:
                     owner = txn.get(b3, db=doomed)
                     if owner is not None:
                         if live.alive(owner):
                             busy = True  # a live gc is unlinking this digest right now
                             break
                         txn.delete(b3, db=doomed)  # that gc died; its intent is void
-                    if txn.get(b3, db=objs) is None:
-                        dst = self.store.object_path(b3)
-                        os.chmod(src, 0o444)
-                        os.rename(src, dst)
-                        idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
-                        txn.put(sha, b3, db=shadb)
-                    leases.pin_objects(idx, txn, self.lease, [b3])
                 if busy:
                     txn.abort()
                 else:
+                    for src, b3, sha, size in batch:
+                        if txn.get(b3, db=objs) is None:
+                            os.chmod(src, 0o444)
+                            os.rename(src, self.store.object_path(b3))
+                            idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
+                            txn.put(sha, b3, db=shadb)
+                        leases.pin_objects(idx, txn, self.lease, [b3])
                     syncfs(dfd)  # the renames are durable before the records commit
             if not busy:
                 self.pinned.update(b3 for _, b3, _, _ in batch)

@@ -400,6 +400,13 @@ class Store:
         for p in leases.layer_pinners(idx, txn, diff_id):
             leases.unpin_layer(idx, txn, p, diff_id)
 
+    # -- maintenance -----------------------------------------------------------------------
+    def gc(self, dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Any:
+        """Unlink unreferenced, unpinned objects and crash leftovers (see ``layerstore.gc``)."""
+        from .gc import collect
+
+        return collect(self, dry_run=dry_run, progress=progress)
+
     # -- accounting ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Logical bytes (what layers contain) vs physical bytes (what objects hold)."""
