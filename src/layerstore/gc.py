@@ -183,7 +183,7 @@ def _doom_and_unlink(
             txn.put(b3, store.lease.id, db=doomed)
         if dry_run:
             txn.abort()
-    for b3, size in chosen:
+    for _b3, size in chosen:
         if orphans:
             result.orphans_removed += 1
             result.orphan_bytes += size
