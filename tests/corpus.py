@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -137,10 +138,12 @@ def tool(name: str) -> str:
     """Return the absolute path of command ``name``, or raise :class:`MissingToolError`."""
     found = shutil.which(name, path=_env()["PATH"])
     if found is None:
-        pkg = _PACKAGES.get(name, name)
-        raise MissingToolError(
-            f"tests/corpus.py needs the `{name}` command: install it with `apt-get install {pkg}`"
+        how = (
+            f"run `apt-get install {_PACKAGES[name]}`"
+            if name in _PACKAGES
+            else "install the Debian package that provides it"
         )
+        raise MissingToolError(f"tests/corpus.py needs the `{name}` command; {how}")
     return found
 
 
@@ -214,7 +217,7 @@ def _locked(lock_path: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log(f"{what}: another process is building it; waiting")
+            _log(f"{what}: being built by another process or thread; waiting")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -238,12 +241,12 @@ def _artifact(name: str, build: Callable[[Path, Path], dict[str, Any]]) -> Path:
     final = root / name
     if final.is_dir():
         return final
+    _require_root()
     root.mkdir(parents=True, exist_ok=True)
     (root / ".logs").mkdir(exist_ok=True)
     with _locked(root / f".lock@{name}", name):
         if final.is_dir():
             return final
-        _require_root()
         for stale in root.glob(f".tmp@{name}@*"):
             _log(f"{name}: removing leftover of an interrupted build: {stale}")
             _remove_tree(stale)
@@ -541,9 +544,9 @@ def minbase_tar_gz() -> Path:
 
     def cmd(src: Path, out: Path) -> list[str]:
         # gzip writes to stdout; let sh do the redirection so _run can log stderr.
+        tool("gzip")
         return ["sh", "-c", 'exec gzip -n -c -- "$1" > "$2"', "sh", str(src), str(out)]
 
-    tool("gzip")
     return _compressed_tar("gz", cmd, "gzip")
 
 
@@ -769,6 +772,16 @@ def umoci_layout() -> Path:
     return _artifact("oci-umoci", build) / "layout"
 
 
+@functools.cache
+def _can_unshare_mounts() -> bool:
+    """Whether this process may create a private mount namespace (needs CAP_SYS_ADMIN)."""
+    unshare = shutil.which("unshare", path=_env()["PATH"])
+    if unshare is None:
+        return False
+    probe = [unshare, "-m", "--propagation", "private", "true"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
 def _skopeo(args: list[str], scratch: Path, log: Path) -> bool:
     """Run skopeo in a private mount namespace where ``/var`` is an overlay onto ``scratch``.
 
@@ -781,7 +794,7 @@ def _skopeo(args: list[str], scratch: Path, log: Path) -> bool:
     involved = [cache_dir(), scratch]
     under_var = any(os.path.realpath(p).startswith("/var/") for p in involved)
     safe_chars = not any(c in str(scratch) for c in ",:\\")
-    if not under_var and safe_chars and shutil.which("unshare", path=_env()["PATH"]):
+    if not under_var and safe_chars and _can_unshare_mounts():
         upper, work = scratch / "upper", scratch / "work"
         upper.mkdir(parents=True)
         work.mkdir()
