@@ -26,8 +26,10 @@ class DualHasher:
 
     __slots__ = ("_b3", "_sha", "size")
 
-    def __init__(self) -> None:
-        self._b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+    def __init__(self, size_hint: int = 0) -> None:
+        # blake3's own threads only pay off for large inputs.
+        threads = _blake3.blake3.AUTO if size_hint >= _BLAKE3_MT_THRESHOLD else 1
+        self._b3 = _blake3.blake3(max_threads=threads)
         self._sha = hashlib.sha256()
         self.size = 0
 

@@ -33,6 +33,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
@@ -70,7 +71,10 @@ MEM_MAX: Final = 8 << 20
 PIN_BATCH: Final = 4096
 PIN_BATCH_BYTES: Final = 64 << 20
 # New objects are published in write transactions of at most this many renames.
-PUBLISH_BATCH: Final = 4096
+PUBLISH_BATCH: Final = 16384
+# Staged writes queued to the writer threads at most.
+_MAX_INFLIGHT: Final = 1024
+_MAX_INFLIGHT_BYTES: Final = 64 << 20
 _READ = 1 << 20
 
 GZIP_MAGIC: Final = b"\x1f\x8b"
@@ -251,6 +255,12 @@ class _Importer:
         self.pinned: set[bytes] = set()  # bounded by distinct known objects; see _flush_pins
         self.staged_new = 0
         self.staged_bytes = 0
+        self.count_lock = threading.Lock()
+        self.known_txn: Any = None
+        self.known_uses = 0
+        self.writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-writer")
+        self.inflight: collections.deque[Future[int]] = collections.deque()
+        self.inflight_bytes = 0
         self.reused = 0
         self.inline = 0
         self.files = 0
@@ -266,23 +276,55 @@ class _Importer:
         return os.path.join(d, b3.hex() + "." + sha.hex())
 
     def _known(self, b3: bytes) -> bool:
-        with self.idx.read() as txn:
-            return txn.get(b3, db=self.idx.db[b"objects"]) is not None
+        """Is this content stored?  A hint only (the pin batch re-checks under the write
+        lock), so one read snapshot serves many lookups; it is renewed often to stay short."""
+        self.known_uses += 1
+        if self.known_txn is None or self.known_uses > 1000:
+            if self.known_txn is not None:
+                self.known_txn.abort()
+            self.known_txn = self.idx.read()
+            self.known_uses = 0
+        return self.known_txn.get(b3, db=self.idx.db[b"objects"]) is not None
+
+    def end_known(self) -> None:
+        if self.known_txn is not None:
+            self.known_txn.abort()
+            self.known_txn = None
 
     def _write_staged(self, b3: bytes, sha: bytes, data: bytes) -> None:
+        """Queue a staged write; a writer thread does the syscalls while we parse on."""
         path = self._staged_path(b3, sha)
-        if os.path.exists(path):
-            return
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.rename(tmp, path)
-        self.staged_new += 1
-        self.staged_bytes += len(data)
+        self.inflight.append(self.writers.submit(self._write_file, path, data))
+        self.inflight_bytes += len(data)
+        while len(self.inflight) > _MAX_INFLIGHT or self.inflight_bytes > _MAX_INFLIGHT_BYTES:
+            self.inflight_bytes -= self.inflight.popleft().result()
+
+    def _write_file(self, path: str, data: bytes) -> int:
+        # Created 0444 under its final staged name; O_EXCL makes a duplicate within this import
+        # a no-op.  A crash mid-write leaves a partial file only in this lease's staging
+        # directory, which is discarded whole.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        except FileExistsError:
+            return len(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        with self.count_lock:
+            self.staged_new += 1
+            self.staged_bytes += len(data)
+        return len(data)
+
+    def drain_writes(self) -> None:
+        while self.inflight:
+            self.inflight_bytes -= self.inflight.popleft().result()
 
     def add_content(self, data: bytes) -> bytes:
         """Handle an in-memory file: reuse if known (pin later), else stage.  Returns blake3."""
-        h = DualHasher()
+        h = DualHasher(len(data))
         h.update(data)
         b3, sha = h.blake3(), h.sha256()
         if b3 in self.pinned:
@@ -298,7 +340,7 @@ class _Importer:
 
     def add_stream(self, f: BinaryIO, size: int) -> bytes:
         """Handle a large file: stream it to staging while hashing, then dedup by digest."""
-        h = DualHasher()
+        h = DualHasher(size)
         tmp = os.path.join(self.obj_stage, f"stream-{time.monotonic_ns()}.tmp")
         with open(tmp, "wb") as out:
             left = size
@@ -405,7 +447,6 @@ class _Importer:
                 else:
                     for src, b3, sha, size in batch:
                         if txn.get(b3, db=objs) is None:
-                            os.chmod(src, 0o444)
                             os.rename(src, self.store.object_path(b3))
                             idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
                             txn.put(sha, b3, db=shadb)
@@ -510,6 +551,8 @@ def import_tar(
             ) from None
         raise
     finally:
+        imp.end_known()
+        imp.writers.shutdown(wait=True, cancel_futures=True)
         store.release_import_pins(imp.pinned)
         shutil.rmtree(imp.stage, ignore_errors=True)
 
@@ -597,12 +640,15 @@ def _stream_phase(imp: _Importer, tar_stream: _HashingReader, compression: str) 
             mw.add(e)
         imp._flush_pins()
         mw.close()
+    imp.drain_writes()
+    imp.end_known()
     # The manifest is an object like any other: hash it and stage it under its digest.
     with open(mpath, "rb") as f:
         mdata = f.read()
     os.unlink(mpath)
     mb3 = imp.add_content(mdata)
     imp._flush_pins()
+    imp.drain_writes()
     return ImportResult(
         diff_id="",
         compressed_digest="",

@@ -251,16 +251,22 @@ class ManifestWriter:
     def __init__(self, fileobj: BinaryIO, level: int = 3) -> None:
         self._raw = fileobj
         self._z = zstandard.ZstdCompressor(level=level).stream_writer(fileobj, closefd=False)
-        self._z.write(MAGIC + struct.pack("<HH", VERSION, 0))
+        self._buf = bytearray(MAGIC + struct.pack("<HH", VERSION, 0))
         self.count = 0
 
     def add(self, e: Entry) -> None:
-        self._z.write(encode_entry(e))
+        # Batch records: one compressor call per 256 KiB instead of one per entry.
+        self._buf += encode_entry(e)
         self.count += 1
+        if len(self._buf) >= 1 << 18:
+            self._z.write(self._buf)
+            self._buf.clear()
 
     def close(self) -> None:
         """Write the END record and flush the zstd frame (does not close the file)."""
-        self._z.write(encode_entry(Entry("", _END, size=self.count)))
+        self._buf += encode_entry(Entry("", _END, size=self.count))
+        self._z.write(self._buf)
+        self._buf.clear()
         self._z.flush(zstandard.FLUSH_FRAME)
         self._z.close()
 

@@ -1,0 +1,133 @@
+"""Worker processes for the multi-process tests: run as ``python tests/procs.py CMD ...``.
+
+Each worker opens its own Store (LMDB environments must not cross fork) and reports progress on
+stdout as JSON lines, flushed, so the parent can synchronize with it and kill it at a chosen
+moment.  Nothing here is mocked: these are the real code paths in separate processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from layerstore import LayerstoreError, Store  # noqa: E402
+from layerstore import leases  # noqa: E402
+
+
+def say(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def cmd_pin_and_wait(store: str, *hexes: str) -> None:
+    """Pin objects (as an import or partial pull would), then wait to be killed."""
+    st = Store(store)
+    with st.index.write() as txn:
+        leases.pin_objects(st.index, txn, st.lease.id, [bytes.fromhex(h) for h in hexes])
+    say(event="pinned")
+    time.sleep(3600)
+
+
+def cmd_materialize(store: str, layer: str, dest: str, delay: str = "0") -> None:
+    """Materialize slowly (a sleep per file) so others can race it."""
+    st = Store(store)
+    d = float(delay)
+    first = [True]
+
+    def progress(n: int) -> None:
+        if first[0]:
+            say(event="started")
+            first[0] = False
+        if d:
+            time.sleep(d)
+
+    try:
+        r = st.materialize(layer, dest, progress=progress)
+        say(event="done", files=r.files, methods=r.methods)
+    except LayerstoreError as exc:
+        say(event="error", error=str(exc))
+        sys.exit(1)
+
+
+def cmd_loop(store: str, op: str, arg: str, dest_base: str) -> None:
+    """Repeat one operation forever (the crash tests kill it at a random moment)."""
+    st = Store(store)
+    say(event="ready")
+    i = 0
+    while True:
+        i += 1
+        if op == "import":
+            r = st.import_path(arg)
+            say(event="imported", diff_id=r.diff_id)
+            st.remove(r.diff_id)
+        elif op == "materialize":
+            st.materialize(arg, f"{dest_base}/m{os.getpid()}-{i}")
+            say(event="materialized", dest=f"{dest_base}/m{os.getpid()}-{i}")
+        elif op == "remove-import":
+            r = st.import_path(arg)
+            st.remove(r.diff_id)
+        elif op == "gc":
+            st.gc()
+        else:
+            raise SystemExit(f"unknown op {op}")
+
+
+def cmd_stress(store: str, seed: str, duration: str, tars: str, dest_base: str, log: str) -> None:
+    """Random imports, materializations, removals and gc for ``duration`` seconds.
+
+    Every successful materialization is logged with the layer it came from; the parent checks
+    each of them byte for byte afterwards.
+    """
+    rnd = random.Random(int(seed))
+    st = Store(store)
+    tarfiles = sorted(os.path.join(tars, t) for t in os.listdir(tars) if t.endswith(".tar"))
+    end = time.monotonic() + float(duration)
+    n = 0
+    with open(log, "a") as logf:
+
+        def record(**kw: object) -> None:
+            logf.write(json.dumps(kw) + "\n")
+            logf.flush()
+
+        while time.monotonic() < end:
+            n += 1
+            op = rnd.choices(["import", "materialize", "remove", "gc"], [4, 4, 2, 1])[0]
+            try:
+                if op == "import":
+                    t = rnd.choice(tarfiles)
+                    r = st.import_path(t)
+                    record(op="import", tar=t, diff_id=r.diff_id)
+                elif op == "materialize":
+                    layers = st.layers()
+                    if not layers:
+                        continue
+                    li = rnd.choice(layers)
+                    dest = f"{dest_base}/{os.getpid()}-{n}"
+                    st.materialize(li.diff_id, dest)
+                    record(op="materialize", diff_id=li.diff_id, dest=dest)
+                elif op == "remove":
+                    layers = st.layers()
+                    if layers:
+                        li = rnd.choice(layers)
+                        st.remove(li.diff_id)
+                        record(op="remove", diff_id=li.diff_id)
+                else:
+                    r = st.gc()
+                    record(op="gc", freed=r.objects_freed, orphans=r.orphans_removed)
+            except LayerstoreError as exc:
+                # Racing removals make "not found" a normal outcome; anything else is a bug.
+                if type(exc).__name__ not in ("NotFoundError",):
+                    record(op=op, error=f"{type(exc).__name__}: {exc}")
+            except Exception:
+                record(op=op, error=traceback.format_exc())
+    st.close()
+    say(event="done", ops=n)
+
+
+if __name__ == "__main__":
+    globals()["cmd_" + sys.argv[1].replace("-", "_")](*sys.argv[2:])
