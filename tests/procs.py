@@ -16,8 +16,11 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from layerstore import LayerstoreError, Store  # noqa: E402
-from layerstore import leases  # noqa: E402
+from layerstore import (
+    LayerstoreError,
+    Store,
+    leases,
+)
 
 
 def say(**kw: object) -> None:

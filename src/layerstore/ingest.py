@@ -20,28 +20,21 @@ Pins are held against this process's lease, so a killed import's pins are reclai
 
 from __future__ import annotations
 
-import base64
 import collections
 import errno
-import gzip
-import hashlib
 import os
 import shutil
 import tarfile
 import threading
 import time
-import urllib.parse
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
-import zstandard
-
 from . import leases
-from .digests import DualHasher, sha256_of
+from .blobs import BlobReader, detect_compression
+from .digests import DualHasher
 from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from .fsutil import syncfs
 from .index import ObjectRecord
@@ -56,7 +49,8 @@ from .manifest import (
     Entry,
     ManifestWriter,
 )
-from .paths import PathSet, ancestors, normalize
+from .paths import PATH_MAX, PathSet, ancestors, normalize
+from .tarstream import TarMember, TarReader
 
 if TYPE_CHECKING:
     from .store import Store
@@ -76,123 +70,9 @@ PUBLISH_BATCH: Final = 16384
 _MAX_INFLIGHT: Final = 1024
 _MAX_INFLIGHT_BYTES: Final = 64 << 20
 _READ = 1 << 20
-
-GZIP_MAGIC: Final = b"\x1f\x8b"
-ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-
-
-def _is_zstd_skippable(head: bytes) -> bool:
-    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and (head[0] & 0xF0) == 0x50
-
-
-# -- stream plumbing ---------------------------------------------------------------------------
-class _HashingReader:
-    """A read-only file object that hashes (sha256) and counts everything read through it.
-
-    It also keeps the last few chunks it returned, with their offsets, so the importer can
-    inspect the bytes where tarfile stopped (to tell a real end-of-archive from truncation).
-    """
-
-    def __init__(
-        self, raw: Any, progress: Callable[[int], None] | None = None, keep: int = 0
-    ) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.pos = 0
-        self.progress = progress
-        self.keep = keep
-        self.window: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=4)
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n if n is not None and n >= 0 else _READ)
-        if data:
-            self.sha.update(data)
-            if self.keep:
-                self.window.append((self.pos, data))
-            self.pos += len(data)
-            if self.progress is not None:
-                self.progress(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def bytes_at(self, offset: int, n: int) -> bytes | None:
-        """The n bytes at ``offset`` if they are still in the window."""
-        out = bytearray()
-        for start, chunk in self.window:
-            end = start + len(chunk)
-            if end <= offset + len(out) or start > offset + len(out):
-                continue
-            lo = offset + len(out) - start
-            out += chunk[lo : lo + n - len(out)]
-            if len(out) >= n:
-                return bytes(out)
-        return bytes(out) if len(out) >= n else None
-
-    def drain(self) -> None:
-        while self.read(_READ):
-            pass
-
-
-class _GzipStream:
-    """Multi-member gzip decompression with errors mapped to InvalidInputError."""
-
-    def __init__(self, raw: Any) -> None:
-        self._g = gzip.GzipFile(fileobj=raw, mode="rb")
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._g.read(n)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise InvalidInputError(f"gzip stream is corrupt or truncated: {exc}") from None
-
-
-class _ZstdStream:
-    def __init__(self, raw: Any) -> None:
-        self._z = zstandard.ZstdDecompressor().stream_reader(
-            raw, read_across_frames=True, read_size=_READ
-        )
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._z.read(n if n >= 0 else _READ)
-        except zstandard.ZstdError as exc:
-            raise InvalidInputError(f"zstd stream is corrupt: {exc}") from None
-
-
-class _Peek:
-    """Lets us look at the first bytes of a non-seekable stream and still read them."""
-
-    def __init__(self, raw: Any, head: bytes) -> None:
-        self.raw = raw
-        self.head = head
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            if n < 0 or n >= len(self.head):
-                out, self.head = self.head, b""
-                if n < 0:
-                    return out + self.raw.read()
-                more = self.raw.read(n - len(out)) if n > len(out) else b""
-                return out + more
-            out, self.head = self.head[:n], self.head[n:]
-            return out
-        return self.raw.read(n)
-
-
-def detect_compression(head: bytes) -> str:
-    """'gzip', 'zstd' or 'none' from the first bytes; other known formats are refused."""
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC) or _is_zstd_skippable(head):
-        return "zstd"
-    if head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00"):
-        raise InvalidInputError(
-            "bzip2/xz layers are not supported (OCI layers are tar, tar+gzip or tar+zstd); "
-            "decompress it first and import the plain tar"
-        )
-    return "none"
+_U32: Final = (1 << 32) - 1
+_I64_MIN: Final = -(1 << 63)
+_I64_MAX: Final = (1 << 63) - 1
 
 
 # -- the import ------------------------------------------------------------------------------
@@ -217,27 +97,6 @@ class ImportResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _mtime_ns(ti: tarfile.TarInfo) -> int:
-    raw = ti.pax_headers.get("mtime") if ti.pax_headers else None
-    if raw is not None:
-        try:
-            return int(Decimal(raw) * 1_000_000_000)
-        except (InvalidOperation, ValueError):
-            raise InvalidInputError(f"entry {ti.name!r} has a bad PAX mtime {raw!r}") from None
-    return int(ti.mtime) * 1_000_000_000
-
-
-def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for k, v in (ti.pax_headers or {}).items():
-        if k.startswith("SCHILY.xattr."):
-            out[k[len("SCHILY.xattr.") :]] = v.encode("utf-8", "surrogateescape")
-        elif k.startswith("LIBARCHIVE.xattr."):
-            name = urllib.parse.unquote(k[len("LIBARCHIVE.xattr.") :])
-            out.setdefault(name, base64.b64decode(v + "=" * (-len(v) % 4)))
-    return out
 
 
 class _Importer:
@@ -265,6 +124,7 @@ class _Importer:
         self.inline = 0
         self.files = 0
         self.logical = 0
+        self.replaces = 0
 
     # staging -----------------------------------------------------------------------------
     def _staged_path(self, b3: bytes, sha: bytes) -> str:
@@ -459,33 +319,6 @@ class _Importer:
         raise ConcurrencyError("gc kept objects of this import doomed for 30 s; retry the import")
 
 
-def _iter_tar(
-    tf: tarfile.TarFile, window: _HashingReader
-) -> Iterator[tuple[tarfile.TarInfo, BinaryIO | None]]:
-    while True:
-        try:
-            ti = tf.next()
-        except tarfile.ReadError as exc:
-            raise InvalidInputError(f"tar stream is malformed or truncated: {exc}") from None
-        except (EOFError, zlib.error) as exc:
-            raise InvalidInputError(f"tar stream is truncated: {exc}") from None
-        tf.members = []  # tarfile keeps every member otherwise: O(entries) memory
-        if ti is None:
-            # tarfile also stops quietly on a truncated or garbage header: insist on the
-            # end-of-archive zero block where it stopped.
-            block = window.bytes_at(tf.offset, 512)
-            if block is None:
-                window.drain()
-                block = window.bytes_at(tf.offset, 512)
-            if block is None or block != bytes(512):
-                raise InvalidInputError(
-                    f"tar stream is truncated or corrupt at byte {tf.offset}: "
-                    "no end-of-archive marker"
-                )
-            return
-        yield ti, (tf.extractfile(ti) if ti.isreg() else None)
-
-
 def import_tar(
     store: Store,
     stream: BinaryIO,
@@ -494,33 +327,11 @@ def import_tar(
 ) -> ImportResult:
     """Import one layer from a tar stream (plain/gzip/zstd); see the module docstring."""
     t0 = time.monotonic()
-    raw = _HashingReader(stream, progress)
-    head = b""
-    while len(head) < 6:
-        more = stream.read(6 - len(head))
-        if not more:
-            break
-        head += more
-    raw.sha.update(head)
-    raw.pos += len(head)
-    if progress:
-        progress(len(head))
-    if not head:
-        raise InvalidInputError("empty input: expected a tar stream")
-    compression = detect_compression(head)
-    src: Any = _Peek(raw, head)
-    if compression == "gzip":
-        src = _GzipStream(src)
-    elif compression == "zstd":
-        src = _ZstdStream(src)
-    tar_stream = _HashingReader(src, keep=1)
-
+    blob = BlobReader(stream, progress)
     imp = _Importer(store, progress=None)
     try:
-        result = _stream_phase(imp, tar_stream, compression)
-        raw.drain()  # the compressed digest covers every byte of the blob
-        diff_id = tar_stream.sha.digest()
-        comp_digest = raw.sha.digest()
+        result = _stream_phase(imp, blob)
+        comp_digest, diff_id = blob.finish()  # whole blob read, integrity checked
         imp.publish()
         result.diff_id = "sha256:" + diff_id.hex()
         result.compressed_digest = "sha256:" + comp_digest.hex()
@@ -532,8 +343,9 @@ def import_tar(
                 "entries": result.entries,
                 "files": result.files,
                 "bytes": result.logical_bytes,
-                "compression": compression,
+                "compression": blob.compression,
                 "source": source,
+                "replaces": imp.replaces,
             },
             imp.pinned,
         )
@@ -551,92 +363,99 @@ def import_tar(
             ) from None
         raise
     finally:
+        blob.abort()
         imp.end_known()
         imp.writers.shutdown(wait=True, cancel_futures=True)
         store.release_import_pins(imp.pinned)
         shutil.rmtree(imp.stage, ignore_errors=True)
 
 
-def _stream_phase(imp: _Importer, tar_stream: _HashingReader, compression: str) -> ImportResult:
+def _check_ranges(m: TarMember) -> None:
+    """Refuse values no Linux filesystem (or the manifest format) can hold."""
+    if m.uid > _U32 or m.gid > _U32:
+        raise InvalidInputError(f"entry {m.name!r} has uid/gid {m.uid}/{m.gid} beyond 32 bits")
+    if not _I64_MIN <= m.mtime_ns <= _I64_MAX:
+        raise InvalidInputError(f"entry {m.name!r} has an mtime out of range")
+    if m.devmajor > _U32 or m.devminor > _U32:
+        raise InvalidInputError(f"entry {m.name!r} has device numbers beyond 32 bits")
+    if len(m.linkname.encode("utf-8", "surrogateescape")) > PATH_MAX - 1:
+        raise InvalidInputError(f"entry {m.name!r} has a link target over {PATH_MAX - 1} bytes")
+    if len(m.xattrs) > 4096:
+        raise InvalidInputError(f"entry {m.name!r} has {len(m.xattrs)} xattrs")
+    for k, v in m.xattrs.items():
+        if not k or len(k.encode("utf-8", "surrogateescape")) > 255 or len(v) > 65536:
+            raise InvalidInputError(f"entry {m.name!r} has an oversized xattr {k[:40]!r}")
+
+
+def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
     mpath = os.path.join(imp.stage, "manifest.tmp")
     dirs = PathSet()
     nondirs = PathSet()
     symlinks = PathSet()
     entries = 0
-    try:
-        tf = tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2)  # type: ignore[call-overload]
-    except tarfile.ReadError as exc:
-        raise InvalidInputError(f"not a tar stream ({compression}): {exc}") from None
+    tar = TarReader(blob)
     with open(mpath, "wb") as mf:
         mw = ManifestWriter(mf)
-        for ti, data in _iter_tar(tf, tar_stream):
+        for m in tar:
             entries += 1
-            path = normalize(ti.name)
+            path = normalize(m.name)
+            _check_ranges(m)
             for anc in ancestors(path):
                 if anc in symlinks or anc in nondirs:
                     raise UnsafePathError(
-                        f"entry {ti.name!r} would be written through non-directory {anc!r} "
+                        f"entry {m.name!r} would be written through non-directory {anc!r} "
                         "(a symlink or file earlier in the layer)"
                     )
                 dirs.add(anc)
-            e = Entry(
-                path,
-                REG,
-                mode=ti.mode & 0o7777,
-                uid=ti.uid,
-                gid=ti.gid,
-                mtime_ns=_mtime_ns(ti),
-                xattrs=_xattrs(ti),
-            )
-            if ti.isdir():
+            e = Entry(path, REG, mode=m.mode, uid=m.uid, gid=m.gid, mtime_ns=m.mtime_ns)
+            e.xattrs = m.xattrs
+            typ = m.type
+            if typ == b"5":
                 if path in nondirs:
-                    raise InvalidInputError(f"entry {ti.name!r} is a directory and a non-directory")
+                    raise InvalidInputError(f"entry {m.name!r} is a directory and a non-directory")
                 e.kind = DIR
                 dirs.add(path)
             else:
                 if path == "." or path in dirs:
                     raise InvalidInputError(
-                        f"entry {ti.name!r} replaces a directory with a non-directory"
+                        f"entry {m.name!r} replaces a directory with a non-directory"
                     )
-                nondirs.add(path)
-                if ti.isreg():
-                    assert data is not None
-                    size = ti.size
+                if not nondirs.add(path):
+                    imp.replaces += 1  # tar semantics: the later entry wins
+                if m.isreg():
+                    size = m.size
                     e.size = size
                     imp.files += 1
                     imp.logical += size
                     if size <= INLINE_MAX:
-                        buf = _read_exact(data, size, ti.name)
-                        e.inline = buf
+                        e.inline = tar.read_exact(size, m.name) if size else b""
                         imp.inline += 1
                     elif size <= MEM_MAX:
-                        e.digest = imp.add_content(_read_exact(data, size, ti.name))
+                        e.digest = imp.add_content(tar.read_exact(size, m.name))
                     else:
-                        e.digest = imp.add_stream(data, size)  # type: ignore[arg-type]
-                elif ti.issym():
+                        e.digest = imp.add_stream(tar, size)  # type: ignore[arg-type]
+                elif typ == b"2":
                     e.kind = SYMLINK
-                    if not ti.linkname:
-                        raise InvalidInputError(f"symlink {ti.name!r} has an empty target")
-                    e.linkname = ti.linkname
+                    if not m.linkname:
+                        raise InvalidInputError(f"symlink {m.name!r} has an empty target")
+                    e.linkname = m.linkname
                     symlinks.add(path)
-                elif ti.islnk():
+                elif typ == b"1":
                     e.kind = HARDLINK
-                    target = normalize(ti.linkname, "hardlink target")
-                    if target not in nondirs or target == path:
+                    target = normalize(m.linkname, "hardlink target")
+                    if target == path or target not in nondirs:
                         raise UnsafePathError(
-                            f"hardlink {ti.name!r} points to {ti.linkname!r}, which is not an "
+                            f"hardlink {m.name!r} points to {m.linkname!r}, which is not an "
                             "earlier file of this layer"
                         )
                     e.linkname = target
-                elif ti.ischr() or ti.isblk():
-                    e.kind = CHAR if ti.ischr() else BLOCK
-                    e.devmajor, e.devminor = ti.devmajor, ti.devminor
-                elif ti.isfifo():
+                elif typ in (b"3", b"4"):
+                    e.kind = CHAR if typ == b"3" else BLOCK
+                    e.devmajor, e.devminor = m.devmajor, m.devminor
+                elif typ == b"6":
                     e.kind = FIFO
                 else:
-                    raise InvalidInputError(
-                        f"entry {ti.name!r} has unsupported tar type {ti.type!r}"
-                    )
+                    raise InvalidInputError(f"entry {m.name!r} has unsupported tar type {typ!r}")
             mw.add(e)
         imp._flush_pins()
         mw.close()
@@ -652,27 +471,13 @@ def _stream_phase(imp: _Importer, tar_stream: _HashingReader, compression: str) 
     return ImportResult(
         diff_id="",
         compressed_digest="",
-        compression=compression,
+        compression=blob.compression,
         manifest=mb3.hex(),
         entries=entries,
         files=imp.files,
         logical_bytes=imp.logical,
         inline_files=imp.inline,
     )
-
-
-def _read_exact(f: BinaryIO, size: int, name: str) -> bytes:
-    try:
-        data = f.read(size)
-    except tarfile.ReadError as exc:
-        raise InvalidInputError(f"tar data of {name!r} is truncated: {exc}") from None
-    except (EOFError, zlib.error) as exc:
-        raise InvalidInputError(f"tar data of {name!r} is truncated: {exc}") from None
-    if len(data) != size:
-        raise InvalidInputError(
-            f"tar stream ends inside {name!r} ({len(data)} of {size} bytes): truncated"
-        )
-    return data
 
 
 # -- directories -------------------------------------------------------------------------------
@@ -762,4 +567,4 @@ def import_directory(
     return result
 
 
-__all__ = ["ImportResult", "import_tar", "import_directory", "detect_compression", "sha256_of"]
+__all__ = ["ImportResult", "import_tar", "import_directory", "detect_compression"]

@@ -324,8 +324,13 @@ def materialize(
     workers: int = 0,
     sync: bool = True,
     total_files: int = 0,
+    ordered: bool = False,
 ) -> MaterializeResult:
-    """See the module docstring.  The caller has pinned the layer."""
+    """See the module docstring.  The caller has pinned the layer.
+
+    ``ordered``: the layer has entries that replace earlier ones (recorded at import); files are
+    then created in tar order on one thread, so the last entry for a path wins as with tar -x.
+    """
     if mode not in MODES:
         raise InvalidInputError(f"materialize mode must be one of {', '.join(MODES)}")
     t0 = time.monotonic()
@@ -367,6 +372,10 @@ def materialize(
                     b.dir_fd(parent(e.path))  # make sure the parent exists before the worker
                     if mode == "hardlink":
                         b.make_hardlinked_object(e)
+                        if progress:
+                            progress(1)
+                    elif ordered:
+                        b.make_file(e)  # a later entry may replace this path: keep tar order
                         if progress:
                             progress(1)
                     else:

@@ -343,6 +343,7 @@ class Store:
                 workers=workers,
                 sync=sync,
                 total_files=rec["files"],
+                ordered=bool(rec.get("replaces")),
             )
         finally:
             self._unpin_layer(diff_id)

@@ -1,0 +1,225 @@
+"""Layer blobs: detect the compression by magic bytes, decompress, and digest both sides.
+
+:class:`BlobReader` runs decompression and both sha256 digests (compressed blob digest, and
+the DiffID over the uncompressed tar) in a producer thread: zlib, libzstd and hashlib release
+the GIL, so on two cores this work overlaps the tar parsing and file hashing done by the
+consumer.  The producer always reads its input to the very end and checks the container's own
+integrity: gzip CRC32/ISIZE of every member, zstd frame completeness and checksums, and refuses
+anything after the last member that is not zero padding.  So the DiffID covers every byte of
+the uncompressed stream, and a corrupt or truncated blob is an error even where the tar inside
+happens to look complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import zlib
+from collections.abc import Callable
+from typing import Any, Final
+
+import zstandard
+
+from .errors import InvalidInputError
+
+GZIP_MAGIC: Final = b"\x1f\x8b"
+ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+_CHUNK: Final = 1 << 20
+_QUEUE: Final = 16  # chunks in flight between producer and consumer (bounded memory)
+
+
+def is_zstd_skippable(head: bytes) -> bool:
+    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and (head[0] & 0xF0) == 0x50
+
+
+def detect_compression(head: bytes) -> str:
+    """'gzip', 'zstd' or 'none' from the first bytes; other known formats are refused."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC) or is_zstd_skippable(head):
+        return "zstd"
+    if head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00"):
+        raise InvalidInputError(
+            "bzip2/xz layers are not supported (OCI layers are tar, tar+gzip or tar+zstd); "
+            "decompress it first and import the plain tar"
+        )
+    return "none"
+
+
+class _Gunzip:
+    """Multi-member gzip with integrity checks (zlib verifies CRC32 and ISIZE per member)."""
+
+    def __init__(self) -> None:
+        self.d: Any = zlib.decompressobj(wbits=31)
+        self.in_member = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out = []
+        while data:
+            if not self.in_member:
+                data = data.lstrip(b"\x00")  # zero padding between/after members is allowed
+                if not data:
+                    break
+                if not data.startswith(GZIP_MAGIC[: len(data)]):
+                    raise InvalidInputError("data after the last gzip member is not gzip")
+                self.d = zlib.decompressobj(wbits=31)
+                self.in_member = True
+            try:
+                chunk = self.d.decompress(data)
+            except zlib.error as exc:
+                raise InvalidInputError(f"gzip stream is corrupt: {exc}") from None
+            if chunk:
+                out.append(chunk)
+            if self.d.eof:
+                self.in_member = False
+                data = self.d.unused_data
+            else:
+                data = b""
+        return out
+
+    def finish(self) -> None:
+        if self.in_member:
+            raise InvalidInputError("gzip stream is truncated (a member has no end)")
+
+
+class _Unzstd:
+    """zstd frame by frame (skippable frames included), so truncation is always detected."""
+
+    def __init__(self) -> None:
+        self.dctx = zstandard.ZstdDecompressor()
+        self.d: Any = None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out = []
+        while data:
+            if self.d is None:
+                self.d = self.dctx.decompressobj()
+            try:
+                chunk = self.d.decompress(data)
+            except zstandard.ZstdError as exc:
+                raise InvalidInputError(f"zstd stream is corrupt: {exc}") from None
+            if chunk:
+                out.append(chunk)
+            if self.d.eof:
+                data = self.d.unused_data
+                self.d = None
+            else:
+                data = b""
+        return out
+
+    def finish(self) -> None:
+        if self.d is not None:
+            raise InvalidInputError("zstd stream is truncated (a frame has no end)")
+
+
+class BlobReader:
+    """A file-like ``read(n)`` over the uncompressed tar, fed by a producer thread.
+
+    After the consumer is done, :meth:`finish` drains the rest (so digests cover everything),
+    joins the producer and re-raises its error if it had one.
+    """
+
+    def __init__(self, raw: Any, progress: Callable[[int], None] | None = None) -> None:
+        self.raw = raw
+        self.progress = progress
+        head = _read_some(raw, 8)
+        if not head:
+            raise InvalidInputError("empty input: expected a tar stream")
+        self.compression = detect_compression(head)
+        self.comp_sha = hashlib.sha256()
+        self.diff_sha = hashlib.sha256()
+        self.total_in = 0
+        self.total_out = 0
+        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE)
+        self._buf = b""
+        self._eof = False
+        self._stop = False
+        self._thread = threading.Thread(
+            target=self._produce, args=(head,), name="blob-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, head: bytes) -> None:
+        try:
+            dec: _Gunzip | _Unzstd | None = (
+                _Gunzip()
+                if self.compression == "gzip"
+                else _Unzstd()
+                if self.compression == "zstd"
+                else None
+            )
+            data = head
+            while data and not self._stop:
+                self.comp_sha.update(data)
+                self.total_in += len(data)
+                if self.progress is not None:
+                    self.progress(len(data))
+                chunks = dec.feed(data) if dec is not None else [data]
+                for c in chunks:
+                    self.diff_sha.update(c)
+                    self.total_out += len(c)
+                    if self._stop:
+                        continue
+                    self._q.put(c)
+                data = self.raw.read(_CHUNK)
+            if dec is not None:
+                dec.finish()
+            self._q.put(None)
+        except BaseException as exc:  # handed to the consumer
+            self._q.put(exc)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the stream."""
+        buf = self._buf
+        if len(buf) >= n:
+            self._buf = buf[n:]
+            return buf[:n]
+        parts = [buf] if buf else []
+        have = len(buf)
+        while have < n and not self._eof:
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+                break
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            parts.append(item)
+            have += len(item)
+        data = b"".join(parts)
+        self._buf = data[n:]
+        return data[:n]
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """Drain, join, and return (compressed sha256, uncompressed sha256 = DiffID)."""
+        self._buf = b""
+        while not self._eof:
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                self._eof = True
+                raise item
+        self._thread.join()
+        return self.comp_sha.digest(), self.diff_sha.digest()
+
+    def abort(self) -> None:
+        """Stop early (error path): let the producer run out without queueing more."""
+        self._stop = True
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+def _read_some(raw: Any, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        more = raw.read(n - len(out))
+        if not more:
+            break
+        out += more
+    return out
