@@ -47,7 +47,9 @@ class DualHasher:
 
 
 def blake3_of(data: bytes | bytearray | memoryview) -> bytes:
-    """blake3 of an in-memory buffer (32 raw bytes)."""
+    """blake3 of an in-memory buffer (32 raw bytes); multi-threaded for large buffers."""
+    if len(data) >= _BLAKE3_MT_THRESHOLD:
+        return _blake3.blake3(data, max_threads=_blake3.blake3.AUTO).digest()
     return _blake3.blake3(data).digest()
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from . import leases
 from .blobs import BlobReader, detect_compression
-from .digests import DualHasher
+from .digests import DualHasher, blake3_of, sha256_of
 from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from .fsutil import syncfs
 from .index import ObjectRecord
@@ -183,19 +183,21 @@ class _Importer:
             self.inflight_bytes -= self.inflight.popleft().result()
 
     def add_content(self, data: bytes) -> bytes:
-        """Handle an in-memory file: reuse if known (pin later), else stage.  Returns blake3."""
-        h = DualHasher(len(data))
-        h.update(data)
-        b3, sha = h.blake3(), h.sha256()
+        """Handle an in-memory file: reuse if known (pin later), else stage.  Returns blake3.
+
+        blake3 alone decides whether the content is known; sha256 is computed only for content
+        that will be written (or if a known object vanishes before it is pinned).
+        """
+        b3 = blake3_of(data)
         if b3 in self.pinned:
             self.reused += 1
         elif self._known(b3):
-            self.pending.append((b3, sha, len(data), data))
+            self.pending.append((b3, b"", len(data), data))
             self.pending_bytes += len(data)
             if len(self.pending) >= PIN_BATCH or self.pending_bytes >= PIN_BATCH_BYTES:
                 self._flush_pins()
         else:
-            self._write_staged(b3, sha, data)
+            self._write_staged(b3, sha256_of(data), data)
         return b3
 
     def add_stream(self, f: BinaryIO, size: int) -> bytes:
@@ -253,7 +255,7 @@ class _Importer:
                         pass
         for b3, (sha, size, data) in lost.items():
             if data is not None:
-                self._write_staged(b3, sha, data)
+                self._write_staged(b3, sha or sha256_of(data), data)
             else:
                 self.staged_new += 1
                 self.staged_bytes += size
@@ -263,6 +265,8 @@ class _Importer:
     # publish ------------------------------------------------------------------------------
     def publish(self) -> None:
         """Phase 2: make staged objects durable, rename them into objects/, record and pin."""
+        if not self.fanout_made:
+            return  # nothing new (a re-import): no syncfs, no write transaction
         dfd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             syncfs(dfd)

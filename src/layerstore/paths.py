@@ -13,7 +13,6 @@ The layer root itself is the path ``"."``.
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from typing import Final
 
@@ -79,11 +78,9 @@ class PathSet:
 
     @staticmethod
     def _key(path: str) -> int:
-        h = int.from_bytes(
-            hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-            "little",
-        )
-        return h or 1  # 0 marks an empty slot
+        # Python's own 64-bit string hash (SipHash, keyed per process): fast, and a set only
+        # lives for one import, so per-process keying is fine.
+        return (hash(path) & 0xFFFFFFFFFFFFFFFF) or 1  # 0 marks an empty slot
 
     def __len__(self) -> int:
         return self._count
