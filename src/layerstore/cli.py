@@ -236,6 +236,64 @@ def gc(c: Ctx, dry_run: bool) -> None:
     c.out(r.to_json(), human)
 
 
+@cli.command()
+@click.option("--quick", is_flag=True, help="Metadata only: do not re-hash object contents.")
+@click.option("--deep", is_flag=True, help="Also recompute every object's sha256.")
+@click.option("--repair", is_flag=True, help="Fix what can be fixed (never deletes data).")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    help="Where to re-fetch missing/corrupt objects: another store root or a layer tarball.",
+)
+@click.option("--rebuild-index", is_flag=True, help="Recreate a lost/unreadable index.")
+@click.pass_obj
+def fsck(
+    c: Ctx, quick: bool, deep: bool, repair: bool, sources: tuple[str, ...], rebuild_index: bool
+) -> None:
+    """Check the store; exit 0 clean, 1 repaired, 4 damage left, 8 could not check."""
+    from .fsck import EXIT_ERROR
+    from .fsck import rebuild_index as rebuild
+
+    if rebuild_index:
+        out = rebuild(c.store_path)
+        c.out(out, lambda: click.echo(json.dumps(out, indent=2)))
+        sys.exit(0 if not out["problems_after_rebuild"] else 4)
+    try:
+        st = c.open()
+    except LayerstoreError as exc:
+        err = str(exc)
+        c.out(
+            {"exit_code": EXIT_ERROR, "error": err},
+            lambda: click.echo(
+                f"fsck: cannot open the store: {err}\n"
+                "If the index is damaged, `layerstore fsck --rebuild-index` recreates it from "
+                "objects/ and layers/.",
+                err=True,
+            ),
+        )
+        sys.exit(EXIT_ERROR)
+    with st:
+        with c.progress(None, "objects", "fsck") as upd:
+            r = st.fsck(
+                full=not quick, deep=deep, repair=repair, sources=list(sources), progress=upd
+            )
+
+    def human() -> None:
+        for p in r.problems:
+            mark = "REPAIRED" if p.repaired else "DAMAGE  "
+            click.echo(f"{mark} [{p.code}] {p.message}")
+        rate = r.bytes_hashed / r.seconds / 1e6 if r.seconds else 0
+        click.echo(
+            f"{r.mode} fsck: {r.objects_checked} objects ({rate:.0f} MB/s hashed), "
+            f"{r.layers_checked} layers, {len(r.problems)} problems "
+            f"({sum(p.repaired for p in r.problems)} repaired) in {r.seconds:.1f}s"
+        )
+
+    c.out(r.to_json(), human)
+    sys.exit(r.exit_code)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

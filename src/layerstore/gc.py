@@ -92,6 +92,7 @@ def reap(store: Store, result: GcResult | None = None) -> GcResult:
                 store._drop_layer_refs(txn, diff_id, rec)
                 result.layers_finalized += 1
         result.dead_leases = len(dead)
+    store._remove_layer_backups()
     result.staging_removed += leases.remove_dead_lease_files(
         store.leases_dir, store.staging_dir, live
     )

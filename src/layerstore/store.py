@@ -9,6 +9,8 @@ Layout of a store root (docs/format.md has the details)::
 
     layerstore.json     {"format": 1}  -- refused if newer than this build
     index/              LMDB environment (data.mdb, lock.mdb)
+    layers/<diffid>.json  derived copy of each layer record (rebuilds a lost index)
+    quarantine/         corrupt files fsck --repair moved aside (never deleted silently)
     objects/00..ff/     immutable 0444 files named by blake3 hex (fan-out by first byte)
     staging/<lease>/    per-process scratch space on the same filesystem
     leases/<lease>.lock one flock-held file per process that has the store open
@@ -29,7 +31,14 @@ import lmdb
 
 from . import leases
 from .digests import parse_hex
-from .errors import AmbiguousError, FormatVersionError, InvalidInputError, NotFoundError, StoreError
+from .errors import (
+    AmbiguousError,
+    CorruptObjectError,
+    FormatVersionError,
+    InvalidInputError,
+    NotFoundError,
+    StoreError,
+)
 from .index import Index, ObjectRecord
 from .manifest import REG, Entry, read_manifest
 
@@ -96,6 +105,8 @@ class Store:
         self.objects_dir = os.path.join(self.root, "objects")
         self.staging_dir = os.path.join(self.root, "staging")
         self.leases_dir = os.path.join(self.root, "leases")
+        self.layers_dir = os.path.join(self.root, "layers")
+        self.quarantine_dir = os.path.join(self.root, "quarantine")
         fmt_path = os.path.join(self.root, FORMAT_FILE)
         if create:
             self._create_layout(fmt_path)
@@ -106,11 +117,18 @@ class Store:
                 self.index.put_meta(txn, "format", str(FORMAT_VERSION))
         self.lease = leases.Lease(self.leases_dir)
         self._stage_seq = itertools.count()
+        self._dropped: list[bytes] = []
 
     # -- layout --------------------------------------------------------------------------
     def _create_layout(self, fmt_path: str) -> None:
         os.makedirs(self.root, exist_ok=True)
-        for d in (self.objects_dir, self.staging_dir, self.leases_dir, self._p("index")):
+        for d in (
+            self.objects_dir,
+            self.staging_dir,
+            self.leases_dir,
+            self.layers_dir,
+            self._p("index"),
+        ):
             os.makedirs(d, exist_ok=True)
         for i in range(256):
             os.makedirs(os.path.join(self.objects_dir, f"{i:02x}"), exist_ok=True)
@@ -236,7 +254,35 @@ class Store:
             idx.put_layer(txn, diff_id, rec)
             leases.unpin_objects(idx, txn, self.lease.id, pinned)
         pinned.clear()
+        self._write_layer_backup(diff_id, rec)
         return present
+
+    # -- layer backups: derived copies of layer records, for rebuilding a lost index ---------
+    def _layer_backup_path(self, diff_id: bytes) -> str:
+        return os.path.join(self.layers_dir, diff_id.hex() + ".json")
+
+    def _write_layer_backup(self, diff_id: bytes, rec: dict[str, Any]) -> None:
+        """Written *after* the index commit (the index is authoritative; fsck reconciles)."""
+        path = self._layer_backup_path(diff_id)
+        tmp = f"{path}.{self.lease.id.hex()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"diff_id": diff_id.hex(), **rec}, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+
+    def _remove_layer_backups(self) -> None:
+        """Drop backups of layers whose removal has committed (re-checked against the index, so
+        an aborted transaction can never cost a live layer its backup)."""
+        while self._dropped:
+            diff_id = self._dropped.pop()
+            with self.index.read() as txn:
+                if self.index.get_layer(txn, diff_id) is not None:
+                    continue
+            try:
+                os.unlink(self._layer_backup_path(diff_id))
+            except FileNotFoundError:
+                pass
 
     def release_import_pins(self, pinned: set[bytes]) -> None:
         if not pinned:
@@ -332,6 +378,13 @@ class Store:
             rec = self.index.get_layer(txn, diff_id)
             if rec is None or rec.get("state") != "live":
                 raise NotFoundError(f"layer {ref} was removed")
+            if rec.get("damaged"):
+                paths = rec["damaged"]
+                raise CorruptObjectError(
+                    f"layer sha256:{diff_id.hex()} is damaged: content is missing for "
+                    f"{len(paths)} paths (first: {', '.join(paths[:5])}); restore it with "
+                    "`layerstore fsck --repair --source STORE_OR_TARBALL`"
+                )
             leases.pin_layer(self.index, txn, self.lease.id, diff_id)
         try:
             return materialize(
@@ -357,6 +410,7 @@ class Store:
                 live = leases.LivenessChecker(self.leases_dir)
                 if not any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
                     self._drop_layer_refs(txn, diff_id, rec)
+        self._remove_layer_backups()
 
     # -- remove ----------------------------------------------------------------------------
     def remove(self, ref: str) -> dict[str, Any]:
@@ -382,6 +436,9 @@ class Store:
             else:
                 self._drop_layer_refs(txn, diff_id, rec)
                 deferred = False
+        if deferred:
+            self._write_layer_backup(diff_id, rec)
+        self._remove_layer_backups()
         return {
             "diff_id": "sha256:" + diff_id.hex(),
             "deferred": deferred,
@@ -398,6 +455,7 @@ class Store:
         for c in rec.get("compressed", []):
             txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
         txn.delete(diff_id, db=idx.db[b"layers"])
+        self._dropped.append(diff_id)  # its backup file goes once this transaction commits
         for p in leases.layer_pinners(idx, txn, diff_id):
             leases.unpin_layer(idx, txn, p, diff_id)
 
@@ -407,6 +465,20 @@ class Store:
         from .gc import collect
 
         return collect(self, dry_run=dry_run, progress=progress)
+
+    def fsck(
+        self,
+        *,
+        full: bool = True,
+        deep: bool = False,
+        repair: bool = False,
+        sources: list[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        """Check the store (see ``layerstore.fsck``); ``repair`` fixes what it can."""
+        from .fsck import fsck
+
+        return fsck(self, full=full, deep=deep, repair=repair, sources=sources, progress=progress)
 
     # -- accounting ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -1,0 +1,654 @@
+"""fsck: find every kind of damage, say what it is, and repair what can be repaired.
+
+Modelled on restic's ``checker``: read-only by default, every finding is a :class:`Problem`
+with a stable ``code``, a message that names the object/layer/path and says what to do, and
+whether ``--repair`` fixed it.  Repair never deletes the only copy of anything:
+
+* corrupt or misplaced files go to ``quarantine/`` (timestamped), never to unlink;
+* derived index data -- reference counts, sha256 aliases, compressed-digest aliases, layer
+  backups -- is rebuilt from the manifests and object records;
+* missing or corrupt objects are re-fetched from ``sources`` (another store, or layer tarballs
+  that are re-imported; their content is verified by digest before it is used);
+* layers whose content cannot be restored are marked *damaged* with the paths they lack, and
+  materializing them fails with an error naming those paths.
+
+Checks: format version; objects (existence, regular file, read-only, size, and in full mode the
+blake3 of the content against the name -- ``deep`` also recomputes sha256 against the record);
+files in ``objects/`` without records and files that are not objects at all; sha256 aliases;
+every manifest decodes and every object it references exists with the entry's size; reference
+counts equal what the manifests say; compressed aliases; layer backups; pins and gc intents of
+dead processes; staging leftovers.
+
+Exit codes (``FsckReport.exit_code``): 0 clean, 1 damage found and all of it repaired,
+4 damage left (found without ``--repair``, or not repairable); the CLI uses 8 when the store
+cannot be checked at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import blake3 as _blake3
+
+from . import leases
+from .digests import DualHasher
+from .errors import CorruptObjectError, LayerstoreError, StoreError
+from .index import ObjectRecord
+from .manifest import REG
+
+if TYPE_CHECKING:
+    from .store import Store
+
+EXIT_CLEAN: Final = 0
+EXIT_REPAIRED: Final = 1
+EXIT_DAMAGED: Final = 4
+EXIT_ERROR: Final = 8
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass
+class Problem:
+    code: str
+    subject: str
+    message: str
+    repaired: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FsckReport:
+    mode: str
+    repair: bool
+    problems: list[Problem] = field(default_factory=list)
+    objects_checked: int = 0
+    bytes_hashed: int = 0
+    layers_checked: int = 0
+    seconds: float = 0.0
+
+    def add(self, code: str, subject: str, message: str) -> Problem:
+        p = Problem(code, subject, message)
+        self.problems.append(p)
+        return p
+
+    @property
+    def exit_code(self) -> int:
+        if not self.problems:
+            return EXIT_CLEAN
+        return EXIT_REPAIRED if all(p.repaired for p in self.problems) else EXIT_DAMAGED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "repair": self.repair,
+            "exit_code": self.exit_code,
+            "objects_checked": self.objects_checked,
+            "bytes_hashed": self.bytes_hashed,
+            "layers_checked": self.layers_checked,
+            "seconds": self.seconds,
+            "mb_per_s": round(self.bytes_hashed / self.seconds / 1e6, 1) if self.seconds else None,
+            "problems": [p.to_json() for p in self.problems],
+            "counts": dict(Counter(p.code for p in self.problems)),
+        }
+
+
+# -- hashing ----------------------------------------------------------------------------------
+def _hash_object(path: str, deep: bool) -> tuple[bytes, bytes | None, int]:
+    """(blake3, sha256 or None, size) of a file, streaming; releases the GIL while hashing."""
+    if deep:
+        h = DualHasher()
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.blake3(), h.sha256(), h.size
+    b = _blake3.blake3()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            b.update(chunk)
+            size += len(chunk)
+    return b.digest(), None, size
+
+
+class _Checker:
+    def __init__(
+        self,
+        store: Store,
+        full: bool,
+        deep: bool,
+        repair: bool,
+        sources: list[str],
+        progress: Callable[[int], None] | None,
+        jobs: int,
+    ) -> None:
+        self.st = store
+        self.idx = store.index
+        self.full = full or deep
+        self.deep = deep
+        self.repair = repair
+        self.sources = sources
+        self.progress = progress
+        self.jobs = jobs or (os.cpu_count() or 1)
+        self.report = FsckReport(
+            mode="deep" if deep else "full" if full else "quick", repair=repair
+        )
+        self.bad: set[bytes] = set()  # objects whose record exists but content is missing/bad
+
+    # objects ----------------------------------------------------------------------------------
+    def _records(self) -> Iterator[tuple[bytes, ObjectRecord]]:
+        with self.idx.read() as txn:
+            for k, v in txn.cursor(db=self.idx.db[b"objects"]):
+                yield bytes(k), ObjectRecord.unpack(v)
+
+    def check_objects(self) -> None:
+        rep = self.report
+        st = self.st
+
+        def one(item: tuple[bytes, ObjectRecord]) -> tuple[bytes, ObjectRecord, str, str, int]:
+            b3, rec = item
+            path = st.object_path(b3)
+            try:
+                s = os.lstat(path)
+            except FileNotFoundError:
+                return b3, rec, "object-missing", "file is missing", 0
+            if not stat.S_ISREG(s.st_mode):
+                return b3, rec, "object-not-regular", "is not a regular file", 0
+            if s.st_size != rec.size:
+                return b3, rec, "object-corrupt", f"size {s.st_size}, index says {rec.size}", 0
+            size = 0
+            if self.full:
+                try:
+                    got, sha, size = _hash_object(path, self.deep)
+                except OSError as exc:
+                    return b3, rec, "object-unreadable", f"cannot be read: {exc.strerror}", 0
+                if got != b3:
+                    msg = f"content hashes to {got.hex()[:16]}…"
+                    return b3, rec, "object-corrupt", msg, size
+                if sha is not None and sha != rec.sha256:
+                    msg = "recorded sha256 differs from content"
+                    return b3, rec, "object-sha256-wrong", msg, size
+            if s.st_mode & 0o222:
+                return b3, rec, "object-writable", "is writable (objects must be read-only)", size
+            return b3, rec, "", "", size
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            for b3, rec, code, msg, hashed in pool.map(one, self._records(), chunksize=64):
+                rep.objects_checked += 1
+                rep.bytes_hashed += hashed
+                if self.progress:
+                    self.progress(1)
+                if not code:
+                    continue
+                p = rep.add(code, b3.hex(), f"object {b3.hex()}: {msg}")
+                if code == "object-writable":
+                    if self.repair:
+                        os.chmod(st.object_path(b3), 0o444)
+                        p.repaired = True
+                elif code == "object-sha256-wrong":
+                    if self.repair:
+                        _, sha, _ = _hash_object(st.object_path(b3), True)
+                        assert sha is not None
+                        with self.idx.write() as txn:
+                            self.idx.put_object(txn, b3, ObjectRecord(rec.size, sha, rec.refs))
+                        p.repaired = True
+                else:
+                    self.bad.add(b3)
+                    p.message += (
+                        "; repair quarantines it and restores it from --source"
+                        if code != "object-missing"
+                        else "; restore it with --repair --source"
+                    )
+
+    def check_files(self) -> None:
+        """Files in objects/ with no record (orphans) and files that are not objects at all."""
+        rep = self.report
+        objs = self.idx.db[b"objects"]
+        with os.scandir(self.st.objects_dir) as top:
+            fans = sorted(de.name for de in top)
+        for fan in fans:
+            d = os.path.join(self.st.objects_dir, fan)
+            if len(fan) != 2 or not _HEX.issuperset(fan) or not os.path.isdir(d):
+                p = rep.add("junk-file", d, f"{d} does not belong in objects/")
+                if self.repair:
+                    self._quarantine(d, "junk")
+                    p.repaired = True
+                continue
+            with os.scandir(d) as it, self.idx.read() as txn:
+                entries = [(de.name, de.path) for de in it]
+                unknown = [
+                    (n, p)
+                    for n, p in entries
+                    if not (len(n) == 64 and _HEX.issuperset(n) and n.startswith(fan))
+                    or txn.get(bytes.fromhex(n), db=objs) is None
+                ]
+            for name, path in unknown:
+                if len(name) == 64 and _HEX.issuperset(name) and name.startswith(fan):
+                    p = rep.add(
+                        "object-orphan",
+                        name,
+                        f"object file {name} has no index record (a crash leftover; gc removes "
+                        "unreferenced ones, repair records it if a layer needs it)",
+                    )
+                    if self.repair:
+                        p.repaired = self._adopt_orphan(bytes.fromhex(name), path, p)
+                else:
+                    p = rep.add("junk-file", path, f"{path} is not an object file")
+                    if self.repair:
+                        self._quarantine(path, "junk")
+                        p.repaired = True
+
+    def _adopt_orphan(self, b3: bytes, path: str, p: Problem) -> bool:
+        try:
+            got, sha, size = _hash_object(path, True)
+        except OSError:
+            return False
+        if got != b3:
+            self._quarantine(path, "corrupt")
+            p.message += "; its content does not match its name: quarantined"
+            return True
+        assert sha is not None
+        os.chmod(path, 0o444)
+        with self.idx.write() as txn:
+            if self.idx.get_object(txn, b3) is None:
+                self.idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
+                txn.put(sha, b3, db=self.idx.db[b"sha256"])
+        p.message += "; recorded (refs are recounted below; gc frees it if nothing uses it)"
+        return True
+
+    def _quarantine(self, path: str, why: str) -> str:
+        os.makedirs(self.st.quarantine_dir, exist_ok=True)
+        dest = os.path.join(
+            self.st.quarantine_dir, f"{os.path.basename(path)}.{why}.{time.time_ns()}"
+        )
+        shutil.move(path, dest)
+        return dest
+
+    # aliases ----------------------------------------------------------------------------------
+    def check_aliases(self) -> None:
+        rep = self.report
+        idx = self.idx
+        wrong: list[bytes] = []
+        missing: list[tuple[bytes, bytes]] = []
+        with idx.read() as txn:
+            for sha, b3 in txn.cursor(db=idx.db[b"sha256"]):
+                rec = idx.get_object(txn, bytes(b3))
+                if rec is None or rec.sha256 != bytes(sha):
+                    wrong.append(bytes(sha))
+            for b3, raw in txn.cursor(db=idx.db[b"objects"]):
+                rec = ObjectRecord.unpack(raw)
+                if txn.get(rec.sha256, db=idx.db[b"sha256"]) is None:
+                    missing.append((rec.sha256, bytes(b3)))
+        for sha in wrong:
+            rep.add("sha256-alias-wrong", sha.hex(), f"sha256 alias {sha.hex()} points wrong")
+        for sha, b3 in missing:
+            rep.add("sha256-alias-missing", sha.hex(), f"object {b3.hex()} has no sha256 alias")
+        if self.repair and (wrong or missing):
+            with idx.write() as txn:
+                for sha in wrong:
+                    txn.delete(sha, db=idx.db[b"sha256"])
+                for sha, b3 in missing:
+                    txn.put(sha, b3, db=idx.db[b"sha256"])
+            for p in rep.problems:
+                if p.code.startswith("sha256-alias"):
+                    p.repaired = True
+
+    # layers -----------------------------------------------------------------------------------
+    def scan_layers(self) -> tuple[Counter[bytes], dict[bytes, list[str]], set[bytes], list]:
+        """Read every manifest: reference counts, damaged layers (paths lacking content), the
+        digests they lack, and size mismatches.  No side effects."""
+        idx = self.idx
+        counts: Counter[bytes] = Counter()
+        damaged: dict[bytes, list[str]] = {}
+        lacking: set[bytes] = set()
+        notes: list[tuple[str, str, str]] = []
+        with idx.read() as txn:
+            layers = idx.iter_layers(txn)
+        for diff_id, rec in layers:
+            mb3 = bytes.fromhex(rec["manifest"])
+            counts[mb3] += 1
+            missing: list[str] = []
+            try:
+                if mb3 in self.bad:
+                    raise CorruptObjectError("manifest object is missing or corrupt")
+                with idx.read() as txn:
+                    for e in self.st._manifest_entries(mb3):
+                        if e.kind != REG or e.digest is None:
+                            continue
+                        counts[e.digest] += 1
+                        orec = idx.get_object(txn, e.digest)
+                        if orec is None or e.digest in self.bad:
+                            missing.append(e.path)
+                            lacking.add(e.digest)
+                        elif orec.size != e.size:
+                            missing.append(e.path)
+                            notes.append(
+                                (
+                                    "manifest-size-mismatch",
+                                    diff_id.hex(),
+                                    f"layer {diff_id.hex()[:16]}: {e.path!r} is {e.size} bytes, "
+                                    f"object {e.digest.hex()[:16]} is {orec.size}",
+                                )
+                            )
+            except (LayerstoreError, OSError) as exc:
+                notes.append(
+                    (
+                        "manifest-unreadable",
+                        diff_id.hex(),
+                        f"layer {diff_id.hex()[:16]}: manifest {mb3.hex()[:16]} cannot be read "
+                        f"({exc}); the whole layer is damaged",
+                    )
+                )
+                lacking.add(mb3)
+                missing = ["*manifest*"]
+            if missing:
+                damaged[diff_id] = missing
+        return counts, damaged, lacking, notes
+
+    def check_layers(self) -> None:
+        rep = self.report
+        idx = self.idx
+        counts, damaged, lacking, notes = self.scan_layers()
+        if self.repair and (lacking or self.bad):
+            self.restore(lacking)
+            counts, after, _, notes2 = self.scan_layers()
+            notes_after = {(c, s) for c, s, _ in notes2}
+        else:
+            after, notes_after = damaged, {(c, s) for c, s, _ in notes}
+        for code, subject, msg in notes:
+            p = rep.add(code, subject, msg)
+            p.repaired = (code, subject) not in notes_after
+        with idx.read() as txn:
+            layers = dict(idx.iter_layers(txn))
+        for diff_id, paths in damaged.items():
+            p = rep.add(
+                "layer-damaged",
+                diff_id.hex(),
+                f"layer sha256:{diff_id.hex()} lacks content for {len(paths)} paths "
+                f"(first: {', '.join(paths[:3])}); restore with --repair --source",
+            )
+            p.repaired = diff_id not in after
+        rep.layers_checked = len(layers)
+        for diff_id, rec in layers.items():
+            flagged = bool(rec.get("damaged"))
+            if flagged and diff_id not in after and diff_id not in damaged:
+                p = rep.add(
+                    "layer-damaged-flag",
+                    diff_id.hex(),
+                    f"layer {diff_id.hex()[:16]} is marked damaged but is complete now",
+                )
+                p.repaired = self.repair
+        if self.repair:
+            with idx.write() as txn:
+                for diff_id, rec in layers.items():
+                    want = after.get(diff_id)
+                    if want is not None:
+                        rec["damaged"] = want[:1000]
+                    elif "damaged" in rec:
+                        del rec["damaged"]
+                    else:
+                        continue
+                    idx.put_layer(txn, diff_id, rec)
+        self._check_counts(counts)
+
+    def _check_counts(self, counts: Counter[bytes]) -> None:
+        rep = self.report
+        idx = self.idx
+        fixes: list[tuple[bytes, int]] = []
+        for b3, rec in self._records():
+            want = counts.get(b3, 0)
+            if rec.refs != want:
+                fixes.append((b3, want))
+                rep.add(
+                    "refcount-wrong",
+                    b3.hex(),
+                    f"object {b3.hex()[:16]} has refcount {rec.refs}, manifests say {want}",
+                )
+        if self.repair and fixes:
+            with idx.write() as txn:
+                for b3, want in fixes:
+                    rec = idx.get_object(txn, b3)
+                    if rec is not None:
+                        idx.put_object(txn, b3, ObjectRecord(rec.size, rec.sha256, want))
+            for p in rep.problems:
+                if p.code == "refcount-wrong":
+                    p.repaired = True
+
+    def check_compressed_and_backups(self) -> None:
+        rep = self.report
+        idx = self.idx
+        with idx.read() as txn:
+            layers = dict(idx.iter_layers(txn))
+            dangling = [
+                bytes(k)
+                for k, v in txn.cursor(db=idx.db[b"compressed"])
+                if bytes(v) not in layers or layers[bytes(v)].get("state") == "deleted"
+            ]
+        for k in dangling:
+            p = rep.add("compressed-alias-dangling", k.hex(), f"alias {k.hex()} has no layer")
+            if self.repair:
+                with idx.write() as txn:
+                    txn.delete(k, db=idx.db[b"compressed"])
+                p.repaired = True
+        on_disk = {
+            n[:-5] for n in os.listdir(self.st.layers_dir) if n.endswith(".json") and len(n) == 69
+        }
+        for diff_id, rec in layers.items():
+            if diff_id.hex() not in on_disk:
+                p = rep.add(
+                    "layer-backup-missing", diff_id.hex(), f"layer {diff_id.hex()[:16]} backup"
+                )
+                if self.repair:
+                    self.st._write_layer_backup(diff_id, rec)
+                    p.repaired = True
+        for h in sorted(on_disk - {d.hex() for d in layers}):
+            p = rep.add("layer-backup-extra", h, f"backup of unknown layer {h[:16]}")
+            if self.repair:
+                self._quarantine(os.path.join(self.st.layers_dir, h + ".json"), "stale")
+                p.repaired = True
+
+    # processes --------------------------------------------------------------------------------
+    def check_leases(self) -> None:
+        rep = self.report
+        st = self.st
+        live = leases.LivenessChecker(st.leases_dir, own=st.lease.id)
+        with self.idx.read() as txn:
+            dead = leases.dead_leases(self.idx, txn, live)
+        for lease in sorted(dead):
+            rep.add(
+                "dead-pins",
+                lease.hex(),
+                f"pins/intents of dead process lease {lease.hex()} (gc or repair drops them)",
+            )
+        stale = []
+        for name in os.listdir(st.staging_dir):
+            try:
+                lease = bytes.fromhex(name)
+            except ValueError:
+                stale.append(name)
+                continue
+            if not live.alive(lease):
+                stale.append(name)
+        for name in stale:
+            rep.add("stale-staging", name, f"staging/{name} belongs to a dead process")
+        if self.repair and (dead or stale):
+            from .gc import reap
+
+            reap(st)
+            for name in stale:
+                shutil.rmtree(os.path.join(st.staging_dir, name), ignore_errors=True)
+            for p in rep.problems:
+                if p.code in ("dead-pins", "stale-staging"):
+                    p.repaired = True
+
+    # repair from sources ----------------------------------------------------------------------
+    def restore(self, lacking: set[bytes]) -> None:
+        """Quarantine bad objects, drop their records, then re-fetch what layers lack."""
+        idx = self.idx
+        st = self.st
+        with idx.write() as txn:
+            for b3 in self.bad:
+                path = st.object_path(b3)
+                if os.path.lexists(path):
+                    self._quarantine(path, "corrupt")
+                rec = idx.get_object(txn, b3)
+                if rec is not None:
+                    if txn.get(rec.sha256, db=idx.db[b"sha256"]) == b3:
+                        txn.delete(rec.sha256, db=idx.db[b"sha256"])
+                    txn.delete(b3, db=idx.db[b"objects"])
+        want = lacking | self.bad
+        restored: set[bytes] = set()
+        for src in self.sources:
+            restored |= self._restore_from(src, want - restored)
+        # Objects the sources could not supply stay absent: their layers are marked damaged.
+        self.bad = set()
+        for p in self.report.problems:
+            if p.code.startswith("object-") and p.subject in {b.hex() for b in restored}:
+                p.repaired = True
+
+    def _restore_from(self, src: str, want: set[bytes]) -> set[bytes]:
+        from .store import Store
+
+        st = self.st
+        got: set[bytes] = set()
+        if os.path.isfile(os.path.join(src, "layerstore.json")):
+            other = Store(src)
+            try:
+                for b3 in sorted(want):
+                    path = other.object_path(b3)
+                    if not os.path.isfile(path):
+                        continue
+                    h, sha, size = _hash_object(path, True)
+                    if h != b3:
+                        continue  # the source is damaged too: never copy bad data
+                    stage = st.new_staging_dir("restore")
+                    tmp = os.path.join(stage, b3.hex())
+                    shutil.copyfile(path, tmp)
+                    h2, sha2, _ = _hash_object(tmp, True)
+                    if h2 != b3:
+                        continue
+                    os.chmod(tmp, 0o444)
+                    with self.idx.write() as txn:
+                        if self.idx.get_object(txn, b3) is None:
+                            os.rename(tmp, st.object_path(b3))
+                            assert sha2 is not None
+                            self.idx.put_object(txn, b3, ObjectRecord(size, sha2, 0))
+                            txn.put(sha2, b3, db=self.idx.db[b"sha256"])
+                    shutil.rmtree(stage, ignore_errors=True)
+                    got.add(b3)
+            finally:
+                other.close()
+        elif os.path.isfile(src):
+            # A layer tarball: importing it writes exactly the contents the index lacks (the
+            # bad records were dropped above), each verified by digest on the way in.
+            try:
+                st.import_path(src)
+            except LayerstoreError as exc:
+                self.report.add("source-unusable", src, f"source {src} could not be read: {exc}")
+                return got
+            with self.idx.read() as txn:
+                for b3 in want:
+                    if self.idx.get_object(txn, b3) is not None:
+                        got.add(b3)
+        else:
+            self.report.add("source-unusable", src, f"{src} is neither a store nor a tarball")
+        return got
+
+
+def fsck(
+    store: Store,
+    *,
+    full: bool = True,
+    deep: bool = False,
+    repair: bool = False,
+    sources: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    jobs: int = 0,
+) -> FsckReport:
+    """Check (and with ``repair`` fix) a store; see the module docstring."""
+    t0 = time.monotonic()
+    c = _Checker(store, full, deep, repair, list(sources or []), progress, jobs)
+    c.check_leases()
+    c.check_objects()
+    c.check_files()
+    c.check_aliases()
+    c.check_layers()
+    c.check_compressed_and_backups()
+    c.report.seconds = time.monotonic() - t0
+    return c.report
+
+
+def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Recreate a lost or unreadable index from objects/ and the layer backups.
+
+    The broken index directory is kept as ``index.broken-<time>``.  Every object is re-hashed
+    (it is the only way to trust it again); layers come back from ``layers/*.json``; reference
+    counts are recomputed from their manifests.
+    """
+    from .store import Store
+
+    idx_dir = os.path.join(root, "index")
+    if not os.path.isdir(os.path.join(root, "objects")):
+        raise StoreError(f"{root} has no objects/ directory: nothing to rebuild from")
+    aside = f"{idx_dir}.broken-{time.strftime('%Y%m%dT%H%M%S')}"
+    if os.path.exists(idx_dir):
+        os.rename(idx_dir, aside)
+    os.makedirs(idx_dir)
+    st = Store(root)
+    restored_objects = 0
+    quarantined = 0
+    layers = 0
+    try:
+        with st.index.write() as txn:
+            for fan in sorted(os.listdir(st.objects_dir)):
+                d = os.path.join(st.objects_dir, fan)
+                if not os.path.isdir(d):
+                    continue
+                for name in sorted(os.listdir(d)):
+                    path = os.path.join(d, name)
+                    try:
+                        b3 = bytes.fromhex(name)
+                        h, sha, size = _hash_object(path, True)
+                    except (ValueError, OSError):
+                        continue
+                    if h != b3 or sha is None:
+                        os.makedirs(st.quarantine_dir, exist_ok=True)
+                        shutil.move(path, os.path.join(st.quarantine_dir, f"{name}.corrupt"))
+                        quarantined += 1
+                        continue
+                    st.index.put_object(txn, b3, ObjectRecord(size, sha, 0))
+                    txn.put(sha, b3, db=st.index.db[b"sha256"])
+                    restored_objects += 1
+                    if progress:
+                        progress(1)
+            for name in sorted(os.listdir(st.layers_dir)):
+                if not name.endswith(".json"):
+                    continue
+                with open(os.path.join(st.layers_dir, name)) as f:
+                    rec = json.load(f)
+                diff_id = bytes.fromhex(rec.pop("diff_id"))
+                st.index.put_layer(txn, diff_id, rec)
+                for c in rec.get("compressed", []):
+                    txn.put(bytes.fromhex(c), diff_id, db=st.index.db[b"compressed"])
+                layers += 1
+    finally:
+        st.close()
+    with Store(root) as st:
+        report = fsck(st, full=False, repair=True)
+    return {
+        "index_moved_to": aside,
+        "objects": restored_objects,
+        "quarantined": quarantined,
+        "layers": layers,
+        "fsck_exit_code": report.exit_code,
+        "problems_after_rebuild": [p.to_json() for p in report.problems if not p.repaired],
+    }
