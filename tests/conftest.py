@@ -113,6 +113,14 @@ def loopfs(request: pytest.FixtureRequest) -> Iterator[LoopFS]:
 
 
 @pytest.fixture
+def scratch_xfs(tmp_path: Path) -> Iterator[LoopFS]:
+    """A private XFS (reflink) loop fs for one big test: unmounting beats deleting 100k files."""
+    fs = make_loopfs("xfs", tmp_path, size="4G")
+    yield fs
+    unmount(fs)
+
+
+@pytest.fixture
 def loopdir(loopfs: LoopFS, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh directory on the loop filesystem for one test."""
     d = Path(tempfile.mkdtemp(dir=loopfs.path, prefix="t-"))

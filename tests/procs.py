@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 import traceback
 
@@ -41,13 +42,15 @@ def cmd_materialize(store: str, layer: str, dest: str, delay: str = "0") -> None
     st = Store(store)
     d = float(delay)
     first = [True]
+    lock = threading.Lock()
 
-    def progress(n: int) -> None:
-        if first[0]:
-            say(event="started")
-            first[0] = False
+    def progress(n: int) -> None:  # called from the materializer's worker threads
+        with lock:
+            if first[0]:
+                say(event="started")
+                first[0] = False
         if d:
-            time.sleep(d)
+            time.sleep(d * n)  # progress arrives per batch of files
 
     try:
         r = st.materialize(layer, dest, progress=progress)
