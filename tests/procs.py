@@ -61,24 +61,33 @@ def cmd_materialize(store: str, layer: str, dest: str, delay: str = "0") -> None
 
 
 def cmd_loop(store: str, op: str, arg: str, dest_base: str) -> None:
-    """Repeat one operation forever (the crash tests kill it at a random moment)."""
+    """Repeat one operation forever (the crash tests kill it at a random moment).
+
+    ``import``: import each tar of directory ``arg`` in turn, report it, remove it, report that.
+    ``materialize``: materialize layer ``arg`` again and again under ``dest_base``.
+    ``gc``: import a tar, remove it, gc -- so gc always has garbage to collect.
+    """
     st = Store(store)
     say(event="ready")
+    tars = sorted(os.path.join(arg, t) for t in os.listdir(arg)) if op != "materialize" else []
     i = 0
     while True:
         i += 1
         if op == "import":
-            r = st.import_path(arg)
-            say(event="imported", diff_id=r.diff_id)
+            t = tars[i % len(tars)]
+            r = st.import_path(t)
+            say(event="imported", diff_id=r.diff_id, tar=t)
             st.remove(r.diff_id)
+            say(event="removed", diff_id=r.diff_id)
         elif op == "materialize":
-            st.materialize(arg, f"{dest_base}/m{os.getpid()}-{i}")
-            say(event="materialized", dest=f"{dest_base}/m{os.getpid()}-{i}")
-        elif op == "remove-import":
-            r = st.import_path(arg)
-            st.remove(r.diff_id)
+            dest = f"{dest_base}/m{os.getpid()}-{i}"
+            st.materialize(arg, dest)
+            say(event="materialized", dest=dest)
         elif op == "gc":
+            r = st.import_path(tars[i % len(tars)])
+            st.remove(r.diff_id)
             st.gc()
+            say(event="gc")
         else:
             raise SystemExit(f"unknown op {op}")
 
