@@ -30,7 +30,15 @@ PROCS = os.path.join(os.path.dirname(__file__), "procs.py")
 SLOW = os.environ.get("LAYERSTORE_SLOW") == "1"
 KILLS_PER_OP = 100 if SLOW else 25
 SEED = int(os.environ.get("LAYERSTORE_SEED", "20261127"))
-LEFTOVERS = {"object-orphan", "dead-pins", "stale-staging", "layer-backup-missing"}
+# What a kill may leave behind: files the index does not know, pins of the dead process, its
+# staging directory, and a layer backup that lags the committed index (derived data).
+LEFTOVERS = {
+    "object-orphan",
+    "dead-pins",
+    "stale-staging",
+    "layer-backup-missing",
+    "layer-backup-extra",
+}
 
 
 def _trees(base: Path, n: int) -> Path:

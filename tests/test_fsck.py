@@ -8,7 +8,7 @@ store holding the layer) restores it and reports exactly what it could not resto
 second fsck is clean; and that the layer then materializes byte-exact (``treecmp.diff_trees``
 against GNU ``tar -x`` of the same tarball).
 
-Known bugs in src/ are strict xfails whose reason starts with ``BUG:``.
+Every test injects damage into a real store and checks the specific problem code.
 """
 
 from __future__ import annotations
@@ -367,11 +367,6 @@ def test_writable_object(imp: Imported, tmp_path: Path) -> None:
     assert_materializes(imp, tmp_path / "mat")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: files > MEM_MAX (8 MiB) are staged by _Importer.add_stream with open(..., 'wb') "
-    "(mode 0644) and published without chmod: a fresh import has writable objects",
-)
 def test_large_file_objects_are_read_only_after_import(store: Store, tmp_path: Path) -> None:
     src = tmp_path / "big"
     src.mkdir()
@@ -536,12 +531,6 @@ def test_wrong_sha256_in_record_found_by_deep(imp: Imported, tmp_path: Path) -> 
     assert_materializes(imp, tmp_path / "mat")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-deep fsck --repair resolves a record/alias sha256 disagreement in favour "
-    "of the (wrong) record without hashing the object: it deletes the correct alias, adds one "
-    "for the bogus sha256, reports 'all repaired', and later full fscks are clean",
-)
 def test_full_repair_does_not_trust_a_wrong_sha256_record(imp: Imported) -> None:
     st = imp.store
     victim = imp.obj("usr/lib/libsmall.so")
@@ -559,16 +548,7 @@ def test_full_repair_does_not_trust_a_wrong_sha256_record(imp: Imported) -> None
     [
         "deleted",
         "spurious",
-        pytest.param(
-            "redirected",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: repair of a sha256-alias-wrong whose sha256 belongs to an existing "
-                "object deletes the alias and does not re-add the right one: the object is left "
-                "with no alias (lookup_sha256 -> None) and the next fsck reports "
-                "sha256-alias-missing",
-            ),
-        ),
+        "redirected",
     ],
 )
 def test_sha256_alias(imp: Imported, tmp_path: Path, damage: str) -> None:
@@ -640,13 +620,6 @@ def test_corrupt_manifest_restored_from_source(imp: Imported, tmp_path: Path, so
     assert_materializes(imp, tmp_path / "mat")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with a layer's manifest unreadable, fsck --repair (no source) recounts "
-    "references without that layer and sets every object it references to refcount 0 "
-    "('refcount-wrong' repaired), so gc then deletes the content of a layer that still exists; "
-    "a later repair from a store source restores only the manifest in one pass (exit 4)",
-)
 def test_unreadable_manifest_does_not_free_the_layers_objects(
     imp: Imported, tmp_path: Path
 ) -> None:
@@ -686,13 +659,6 @@ sys.exit(0 if rep.exit_code else 1)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: opening a store whose index/data.mdb is truncated (to half) kills the process "
-    "with SIGBUS in Index.__init__ (open_db touches mmapped pages past EOF): Store() raises no "
-    "StoreError, and `layerstore fsck` dies with exit 135 instead of exiting 8 and pointing at "
-    "--rebuild-index",
-)
 def test_truncated_index_is_reported_not_fatal(layer: Layer, tmp_path: Path) -> None:
     root, _ = _truncated_index_store(layer, tmp_path)
     # in a child process: a crash here must not take pytest with it
@@ -837,13 +803,6 @@ def test_layer_backup_extra(imp: Imported, tmp_path: Path) -> None:
     assert_materializes(imp, tmp_path / "mat")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after fsck --repair --source restores a damaged layer, layers/<diffid>.json "
-    "still says damaged=[path]: the re-import rewrites the backup from the still-flagged record "
-    "and fsck then clears the flag only in the index (likewise a no-source repair flags the "
-    "index record but not the backup)",
-)
 def test_layer_backup_follows_repairs(imp: Imported) -> None:
     st = imp.store
     backup = os.path.join(st.layers_dir, imp.diff_hex + ".json")

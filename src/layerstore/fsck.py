@@ -275,32 +275,65 @@ class _Checker:
 
     # aliases ----------------------------------------------------------------------------------
     def check_aliases(self) -> None:
+        """sha256 -> blake3 aliases agree with the object records, both ways.
+
+        Repair does not trust a record's sha256 blindly: every object involved in a bad alias
+        is re-hashed first, so a corrupted record is corrected rather than propagated.
+        """
         rep = self.report
         idx = self.idx
-        wrong: list[bytes] = []
-        missing: list[tuple[bytes, bytes]] = []
+        shadb = idx.db[b"sha256"]
+        wrong: list[tuple[bytes, bytes]] = []  # (sha, the b3 it points to)
+        missing: list[tuple[bytes, bytes]] = []  # (recorded sha, b3) not mapping back to b3
         with idx.read() as txn:
-            for sha, b3 in txn.cursor(db=idx.db[b"sha256"]):
+            for sha, b3 in txn.cursor(db=shadb):
                 rec = idx.get_object(txn, bytes(b3))
                 if rec is None or rec.sha256 != bytes(sha):
-                    wrong.append(bytes(sha))
+                    wrong.append((bytes(sha), bytes(b3)))
+            wrong_shas = {sha for sha, _ in wrong}
             for b3, raw in txn.cursor(db=idx.db[b"objects"]):
                 rec = ObjectRecord.unpack(raw)
-                if txn.get(rec.sha256, db=idx.db[b"sha256"]) is None:
+                if rec.sha256 in wrong_shas:
+                    continue  # one problem, already reported as a wrong alias
+                if txn.get(rec.sha256, db=shadb) != bytes(b3):
                     missing.append((rec.sha256, bytes(b3)))
-        for sha in wrong:
+        problems = [
             rep.add("sha256-alias-wrong", sha.hex(), f"sha256 alias {sha.hex()} points wrong")
-        for sha, b3 in missing:
+            for sha, _ in wrong
+        ] + [
             rep.add("sha256-alias-missing", sha.hex(), f"object {b3.hex()} has no sha256 alias")
-        if self.repair and (wrong or missing):
-            with idx.write() as txn:
-                for sha in wrong:
-                    txn.delete(sha, db=idx.db[b"sha256"])
-                for sha, b3 in missing:
-                    txn.put(sha, b3, db=idx.db[b"sha256"])
-            for p in rep.problems:
-                if p.code.startswith("sha256-alias"):
-                    p.repaired = True
+            for sha, b3 in missing
+        ]
+        if not self.repair or not problems:
+            return
+        involved = {b3 for _, b3 in wrong} | {b3 for _, b3 in missing}
+        with idx.read() as txn:  # and the objects whose own alias a wrong one displaced
+            for b3, raw in txn.cursor(db=idx.db[b"objects"]):
+                if ObjectRecord.unpack(raw).sha256 in wrong_shas:
+                    involved.add(bytes(b3))
+        with idx.write() as txn:
+            for sha, _ in wrong:
+                txn.delete(sha, db=shadb)
+            for b3 in sorted(involved):
+                rec = idx.get_object(txn, b3)
+                if rec is None or b3 in self.bad:
+                    continue
+                try:
+                    got, sha, _ = _hash_object(self.st.object_path(b3), True)
+                except OSError:
+                    continue  # missing/unreadable: reported by the object checks
+                if got != b3 or sha is None:
+                    continue
+                if sha != rec.sha256:
+                    idx.put_object(txn, b3, ObjectRecord(rec.size, sha, rec.refs))
+                    rep.add(
+                        "object-sha256-wrong",
+                        b3.hex(),
+                        f"object {b3.hex()}: recorded sha256 differed from content; corrected",
+                    ).repaired = True
+                txn.put(sha, b3, db=shadb)
+        for p in problems:
+            p.repaired = True
 
     # layers -----------------------------------------------------------------------------------
     def scan_layers(self) -> tuple[Counter[bytes], dict[bytes, list[str]], set[bytes], list]:
@@ -358,6 +391,8 @@ class _Checker:
         rep = self.report
         idx = self.idx
         counts, damaged, lacking, notes = self.scan_layers()
+        restored_any = bool(self.bad)
+        notes2: list = []
         if self.repair and (lacking or self.bad):
             self.restore(lacking)
             counts, after, _, notes2 = self.scan_layers()
@@ -388,6 +423,7 @@ class _Checker:
                 )
                 p.repaired = self.repair
         if self.repair:
+            changed: list[tuple[bytes, dict[str, Any]]] = []
             with idx.write() as txn:
                 for diff_id, rec in layers.items():
                     want = after.get(diff_id)
@@ -398,30 +434,40 @@ class _Checker:
                     else:
                         continue
                     idx.put_layer(txn, diff_id, rec)
-        self._check_counts(counts)
+                    changed.append((diff_id, rec))
+            for diff_id, rec in changed:  # backups follow the committed index
+                self.st._write_layer_backup(diff_id, rec)
+        final_notes = notes2 if self.repair and (lacking or restored_any) else notes
+        unreadable = any(code == "manifest-unreadable" for code, _, _ in final_notes)
+        self._check_counts(counts, can_lower=not unreadable)
 
-    def _check_counts(self, counts: Counter[bytes]) -> None:
+    def _check_counts(self, counts: Counter[bytes], can_lower: bool) -> None:
+        """Compare reference counts with the manifests.  While any manifest is unreadable its
+        references are unknown, so counts are only ever raised, never lowered: lowering them
+        would let gc delete the content a later repair needs."""
         rep = self.report
         idx = self.idx
-        fixes: list[tuple[bytes, int]] = []
+        fixes: list[tuple[bytes, int, Problem]] = []
         for b3, rec in self._records():
             want = counts.get(b3, 0)
             if rec.refs != want:
-                fixes.append((b3, want))
-                rep.add(
+                p = rep.add(
                     "refcount-wrong",
                     b3.hex(),
                     f"object {b3.hex()[:16]} has refcount {rec.refs}, manifests say {want}",
                 )
+                if want > rec.refs or can_lower:
+                    fixes.append((b3, want, p))
+                else:
+                    p.message += " (not lowered while a manifest is unreadable)"
         if self.repair and fixes:
             with idx.write() as txn:
-                for b3, want in fixes:
+                for b3, want, _ in fixes:
                     rec = idx.get_object(txn, b3)
                     if rec is not None:
                         idx.put_object(txn, b3, ObjectRecord(rec.size, rec.sha256, want))
-            for p in rep.problems:
-                if p.code == "refcount-wrong":
-                    p.repaired = True
+            for _, _, p in fixes:
+                p.repaired = True
 
     def check_compressed_and_backups(self) -> None:
         rep = self.report

@@ -93,6 +93,14 @@ def reap(store: Store, result: GcResult | None = None) -> GcResult:
                 result.layers_finalized += 1
         result.dead_leases = len(dead)
     store._remove_layer_backups()
+    # Backups of layers whose removal committed but whose process died before unlinking.
+    for name in os.listdir(store.layers_dir):
+        if name.endswith(".json") and len(name) == 69:
+            try:
+                store._dropped.append(bytes.fromhex(name[:64]))
+            except ValueError:
+                continue
+    store._remove_layer_backups()  # re-checks each against the index before unlinking
     result.staging_removed += leases.remove_dead_lease_files(
         store.leases_dir, store.staging_dir, live
     )

@@ -52,6 +52,58 @@ _OBJ = struct.Struct("<Q32sQ")
 DEFAULT_MAP_SIZE: Final = 1 << 38
 
 
+_META = struct.Struct("<IIQQ48s48sQQ")  # magic, version, address, mapsize, dbs[2], last_pg, txnid
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_data_file(path: str) -> None:
+    """Refuse an LMDB data file that is shorter than its own meta pages say.
+
+    LMDB memory-maps the file; touching a page past a truncated end kills the process with
+    SIGBUS instead of raising.  Both meta pages record the last page in use; the newer one
+    (by transaction id) must lie inside the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(2 * 65536)
+    except FileNotFoundError:
+        return  # a new index
+    if size == 0:
+        return
+    metas = []
+    for page in (0, 1):
+        # Page 0 is at offset 0; page 1 follows one page later: its size is in meta 0.
+        off = 0
+        if page == 1:
+            if not metas:
+                break
+            off = metas[0][2]
+        raw = head[off + 16 : off + 16 + _META.size]
+        if len(raw) < _META.size:
+            break
+        magic, _ver, _addr, _mapsize, free_db, _main_db, last_pg, txnid = _META.unpack(raw)
+        if magic != _LMDB_MAGIC:
+            break
+        psize = struct.unpack_from("<I", free_db, 0)[0]  # md_pad of the free DB holds it
+        if psize < 512 or psize & (psize - 1):
+            break
+        metas.append((txnid, last_pg, psize))
+    if not metas:
+        raise StoreError(
+            f"the index data file {path} is not an LMDB file (bad meta page); "
+            "run `layerstore fsck --rebuild-index`"
+        )
+    _txnid, last_pg, psize = max(metas)
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise StoreError(
+            f"the index data file {path} is truncated ({size} bytes, its meta page needs "
+            f"{need}); run `layerstore fsck --rebuild-index` to recreate the index from "
+            "objects/ and layers/"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectRecord:
     size: int
@@ -77,6 +129,7 @@ class Index:
     def __init__(self, path: str, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE):
         self.path = path
         self.pid = os.getpid()
+        check_data_file(os.path.join(path, "data.mdb"))
         try:
             self.env = lmdb.open(
                 path,

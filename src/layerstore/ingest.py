@@ -204,7 +204,8 @@ class _Importer:
         """Handle a large file: stream it to staging while hashing, then dedup by digest."""
         h = DualHasher(size)
         tmp = os.path.join(self.obj_stage, f"stream-{time.monotonic_ns()}.tmp")
-        with open(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        with open(fd, "wb") as out:  # objects are read-only from birth
             left = size
             while left:
                 buf = f.read(min(_READ, left))

@@ -250,7 +250,9 @@ class ManifestWriter:
 
     def __init__(self, fileobj: BinaryIO, level: int = 3) -> None:
         self._raw = fileobj
-        self._z = zstandard.ZstdCompressor(level=level).stream_writer(fileobj, closefd=False)
+        # A frame checksum: a flipped byte must fail to decode, not decode into a wrong digest.
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._z = cctx.stream_writer(fileobj, closefd=False)
         self._buf = bytearray(MAGIC + struct.pack("<HH", VERSION, 0))
         self.count = 0
 
