@@ -34,7 +34,13 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def snapshot(root: str, *, times: bool = True, root_meta: bool = True) -> dict[str, tuple]:
+def snapshot(
+    root: str,
+    *,
+    times: bool = True,
+    root_meta: bool = True,
+    implicit: frozenset[str] = frozenset(),
+) -> dict[str, tuple]:
     """Map relative path -> comparable tuple, plus hardlink groups under key '#links'."""
     snap: dict[str, tuple] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
@@ -58,17 +64,17 @@ def snapshot(root: str, *, times: bool = True, root_meta: bool = True) -> dict[s
                 mode = 0  # symlink modes are meaningless on Linux
             elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
                 extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            mtime = st.st_mtime_ns if times and not stat.S_ISDIR(kind) else None
-            if times and stat.S_ISDIR(kind):
-                mtime = st.st_mtime_ns
+            # Directories the archive never lists (created implicitly by the extractor) carry
+            # the time of extraction: not comparable between two extractions.
+            mtime = st.st_mtime_ns if times and rel not in implicit else None
             snap[rel] = (kind, mode, st.st_uid, st.st_gid, mtime, extra, _xattrs(full))
     groups = sorted(tuple(sorted(v)) for v in inodes.values() if len(v) > 1)
     snap["#links"] = tuple(groups)
     return snap
 
 
-def diff_trees(a: str, b: str, **kw: bool) -> list[str]:
-    sa, sb = snapshot(a, **kw), snapshot(b, **kw)
+def diff_trees(a: str, b: str, **kw: object) -> list[str]:
+    sa, sb = snapshot(a, **kw), snapshot(b, **kw)  # type: ignore[arg-type]
     out = []
     for k in sorted(set(sa) | set(sb)):
         if k not in sa:
