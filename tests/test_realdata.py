@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,7 @@ def test_same_layer_in_three_compressions_is_one_layer(store: Store) -> None:
 def test_cli_import_and_materialize_real_layer(tmp_path: Path) -> None:
     tgz = _need(corpus.minbase_tar_gz)
     store = tmp_path / "s"
-    run = ["python3", "-m", "layerstore", "--store", str(store), "--json"]
+    run = [sys.executable, "-m", "layerstore", "--store", str(store), "--json"]
     out = subprocess.run([*run, "import", str(tgz)], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
     ls = json.loads(subprocess.run([*run, "ls"], capture_output=True, text=True).stdout)
