@@ -10,6 +10,7 @@ case hex (``blake3:`` / ``sha256:`` prefixed where the algorithm is not obvious 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 import blake3 as _blake3
@@ -93,3 +94,72 @@ def parse_hex(text: str, algo: str = "") -> bytes:
 def oci(raw_sha256: bytes) -> str:
     """Format a raw sha256 as an OCI digest string."""
     return "sha256:" + raw_sha256.hex()
+
+
+class DigestSet:
+    """An exact set of 32-byte digests in one flat bytearray (open addressing).
+
+    An import of a million-file layer pins up to a million objects; a Python ``set`` of them
+    would be a million bytes objects (~90 MB).  This keeps 64 bytes per digest in one buffer.
+    """
+
+    __slots__ = ("_t", "_mask", "_n")
+    _EMPTY = bytes(32)
+
+    def __init__(self, capacity: int = 1024) -> None:
+        size = 1
+        while size < capacity * 2:
+            size <<= 1
+        self._t = bytearray(32 * size)
+        self._mask = size - 1
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _slot(self, d: bytes) -> tuple[int, bool]:
+        t, m = self._t, self._mask
+        i = int.from_bytes(d[:8], "little") & m
+        while True:
+            cur = t[32 * i : 32 * i + 32]
+            if cur == d:
+                return i, True
+            if cur == self._EMPTY:
+                return i, False
+            i = (i + 1) & m
+
+    def __contains__(self, d: bytes) -> bool:
+        if d == self._EMPTY:
+            raise ValueError("the all-zero digest cannot be stored")
+        return self._slot(d)[1]
+
+    def add(self, d: bytes) -> None:
+        if (self._n + 1) * 2 > len(self._t) // 32:
+            self._grow()
+        i, found = self._slot(d)
+        if not found:
+            self._t[32 * i : 32 * i + 32] = d
+            self._n += 1
+
+    def update(self, items: Iterable[bytes]) -> None:
+        for d in items:
+            self.add(d)
+
+    def __iter__(self) -> Iterator[bytes]:
+        t = self._t
+        for i in range(len(t) // 32):
+            cur = bytes(t[32 * i : 32 * i + 32])
+            if cur != self._EMPTY:
+                yield cur
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def _grow(self) -> None:
+        old = list(self)
+        size = 2 * (self._mask + 1)
+        self._t = bytearray(32 * size)
+        self._mask = size - 1
+        self._n = 0
+        for d in old:
+            self.add(d)

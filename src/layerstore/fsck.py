@@ -633,6 +633,40 @@ def fsck(
     return c.report
 
 
+_PROBE = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=32, subdir=True)
+with env.begin() as txn:
+    names = [k for k, _ in txn.cursor()]
+    for name in names:
+        db = env.open_db(name, txn=txn, create=False)
+        for _ in txn.cursor(db=db):
+            pass
+"""
+
+
+def probe_index(root: str) -> str | None:
+    """Read the whole index in a child process; return a problem description or None.
+
+    A damaged LMDB file can crash the reading process with SIGBUS (pages past a truncated end)
+    -- something no in-process check can catch.  The child takes the hit instead.
+    """
+    import subprocess
+    import sys
+
+    path = os.path.join(root, "index")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return None
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE, path], capture_output=True, text=True, timeout=3600
+    )
+    if r.returncode == 0:
+        return None
+    if r.returncode < 0:
+        return f"reading the index crashed with signal {-r.returncode} (the data file is damaged)"
+    return f"the index cannot be read: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}"
+
+
 def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Recreate a lost or unreadable index from objects/ and the layer backups.
 

@@ -54,14 +54,18 @@ DEFAULT_MAP_SIZE: Final = 1 << 38
 
 _META = struct.Struct("<IIQQ48s48sQQ")  # magic, version, address, mapsize, dbs[2], last_pg, txnid
 _LMDB_MAGIC = 0xBEEFC0DE
+_P_INVALID = (1 << 64) - 1
 
 
 def check_data_file(path: str) -> None:
-    """Refuse an LMDB data file that is shorter than its own meta pages say.
+    """Refuse an LMDB data file whose B-tree roots lie past its end (a truncated file).
 
     LMDB memory-maps the file; touching a page past a truncated end kills the process with
-    SIGBUS instead of raising.  Both meta pages record the last page in use; the newer one
-    (by transaction id) must lie inside the file.
+    SIGBUS instead of raising.  Opening reads the roots of the free-page and main databases
+    named in the newer meta page (by transaction id), so those must lie inside the file.  (The
+    meta's last-page number is no test: pages allocated and freed in one transaction are never
+    written, so a healthy file can be shorter than it.)  ``fsck`` additionally probes the whole
+    index in a child process, which survives a SIGBUS anywhere deeper.
     """
     try:
         size = os.path.getsize(path)
@@ -73,35 +77,34 @@ def check_data_file(path: str) -> None:
         return
     metas = []
     for page in (0, 1):
-        # Page 0 is at offset 0; page 1 follows one page later: its size is in meta 0.
-        off = 0
-        if page == 1:
-            if not metas:
-                break
-            off = metas[0][2]
+        off = 0 if page == 0 else (metas[0][2] if metas else -1)
+        if off < 0:
+            break
         raw = head[off + 16 : off + 16 + _META.size]
         if len(raw) < _META.size:
             break
-        magic, _ver, _addr, _mapsize, free_db, _main_db, last_pg, txnid = _META.unpack(raw)
+        magic, _ver, _addr, _mapsize, free_db, main_db, _last_pg, txnid = _META.unpack(raw)
         if magic != _LMDB_MAGIC:
             break
         psize = struct.unpack_from("<I", free_db, 0)[0]  # md_pad of the free DB holds it
         if psize < 512 or psize & (psize - 1):
             break
-        metas.append((txnid, last_pg, psize))
+        roots = [struct.unpack_from("<Q", db, 40)[0] for db in (free_db, main_db)]
+        metas.append((txnid, roots, psize))
     if not metas:
         raise StoreError(
             f"the index data file {path} is not an LMDB file (bad meta page); "
             "run `layerstore fsck --rebuild-index`"
         )
-    _txnid, last_pg, psize = max(metas)
-    need = (last_pg + 1) * psize
-    if size < need:
-        raise StoreError(
-            f"the index data file {path} is truncated ({size} bytes, its meta page needs "
-            f"{need}); run `layerstore fsck --rebuild-index` to recreate the index from "
-            "objects/ and layers/"
-        )
+    _txnid, roots, psize = max(metas)
+    pages = size // psize
+    for root in roots:
+        if root != _P_INVALID and root >= pages:
+            raise StoreError(
+                f"the index data file {path} is truncated ({size} bytes; its tree root is "
+                f"page {root}); run `layerstore fsck --rebuild-index` to recreate the index "
+                "from objects/ and layers/"
+            )
 
 
 @dataclass(frozen=True, slots=True)

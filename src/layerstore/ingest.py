@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from . import leases
 from .blobs import BlobReader, detect_compression
-from .digests import DualHasher, blake3_of, sha256_of
+from .digests import DigestSet, DualHasher, blake3_of, sha256_of
 from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from .fsutil import syncfs
 from .index import ObjectRecord
@@ -111,7 +111,7 @@ class _Importer:
         self.fanout_made: set[str] = set()
         self.pending: list[tuple[bytes, bytes, int, bytes | None]] = []
         self.pending_bytes = 0
-        self.pinned: set[bytes] = set()  # bounded by distinct known objects; see _flush_pins
+        self.pinned = DigestSet()  # every object this import pinned (exact, compact)
         self.staged_new = 0
         self.staged_bytes = 0
         self.count_lock = threading.Lock()
@@ -498,6 +498,8 @@ def tar_directory(root: str, out: BinaryIO) -> None:
         def add(rel: str, full: str) -> None:
             st = os.lstat(full)
             ti = tf.gettarinfo(full, arcname=rel)
+            if ti is None:
+                return  # a socket: tar skips those too; they cannot be part of a layer
             ti.uname = ti.gname = ""
             ti.pax_headers = {}
             ns = st.st_mtime_ns

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Final
 import lmdb
 
 from . import leases
-from .digests import parse_hex
+from .digests import DigestSet, parse_hex
 from .errors import (
     AmbiguousError,
     CorruptObjectError,
@@ -224,7 +224,7 @@ class Store:
         comp: bytes,
         manifest_b3: bytes,
         info: dict[str, Any],
-        pinned: set[bytes],
+        pinned: DigestSet,
     ) -> bool:
         """Phase 3 of an import: the layer record and its references, in one transaction.
 
@@ -284,7 +284,7 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def release_import_pins(self, pinned: set[bytes]) -> None:
+    def release_import_pins(self, pinned: DigestSet) -> None:
         if not pinned:
             return
         with self.index.write() as txn:
