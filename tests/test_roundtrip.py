@@ -211,3 +211,50 @@ def test_materialize_refuses_existing_destination(store: Store, tree_and_tars, t
     with pytest.raises(DestinationError):
         store.materialize(res.diff_id, str(tmp_path / "exists"))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def _fs_type(path: Path) -> str:
+    return subprocess.run(
+        ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_copy_fallback_on_a_filesystem_without_reflink(store: Store, tree_and_tars, tmp_path):
+    """The root filesystem here is ext4: FICLONE fails, the fallback is used and reported."""
+    if _fs_type(tmp_path) not in ("ext2/ext3", "ext4", "tmpfs"):
+        pytest.skip(f"tmp_path is on {_fs_type(tmp_path)}, which may reflink")
+    _src, tars = tree_and_tars
+    res = store.import_path(str(tars["pax"]))
+    m = store.materialize(res.diff_id, str(tmp_path / "m"))
+    assert "reflink" not in m.methods
+    objects = sum(1 for e in store.entries(res.diff_id) if e.digest is not None)
+    assert m.methods.get("copy_file_range", 0) + m.methods.get("copy", 0) == objects
+    assert m.methods.get("inline", 0) == m.files - objects
+
+
+@pytest.mark.parametrize(
+    "fmt, extra",
+    [
+        ("gnu", []),  # old GNU sparse headers ('S')
+        ("pax", ["--sparse-version=0.0"]),
+        ("pax", ["--sparse-version=0.1"]),
+        ("pax", ["--sparse-version=1.0"]),
+    ],
+)
+def test_gnu_sparse_files(store: Store, tmp_path: Path, fmt: str, extra: list[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse.img", "wb") as f:
+        for off in (0, 1 << 20, 5 << 20, (9 << 20) - 100):
+            f.seek(off)
+            f.write(os.urandom(3000))
+        f.truncate(12 << 20)  # a trailing hole
+    with open(src / "allhole", "wb") as f:
+        f.truncate(2 << 20)
+    (src / "plain").write_bytes(os.urandom(10_000))
+    tarball = gnu_tar(src, tmp_path / "s.tar", "--sparse", *extra, fmt=fmt)
+    res = store.import_path(str(tarball))
+    got = tmp_path / "mat"
+    store.materialize(res.diff_id, str(got))
+    assert diff_trees(str(gnu_untar(tarball, tmp_path / "x")), str(got)) == []
+    assert (got / "sparse.img").stat().st_size == 12 << 20
