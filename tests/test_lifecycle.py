@@ -69,14 +69,14 @@ def test_gc_frees_only_unreferenced(store: Store, tmp_path: Path) -> None:
     assert store.gc().objects_freed == 0
     store.remove(a.diff_id)
     r = store.gc()
-    assert r.objects_freed == 21  # a's own 20 files + its manifest; shared content stays
+    assert r.objects_freed == 22  # a's own 20 files, manifest, tar-split; shared content stays
     store.materialize(b.diff_id, str(tmp_path / "mb"))
     assert (
         diff_trees(str(gnu_untar(tmp_path / "b.tar", tmp_path / "bx")), str(tmp_path / "mb")) == []
     )
     store.remove(b.diff_id)
     r = store.gc()
-    assert r.objects_freed == 51
+    assert r.objects_freed == 52
     assert store.stats()["objects"] == 0
     assert sum(len(f) for _, _, f in os.walk(store.objects_dir)) == 0
 
@@ -86,7 +86,7 @@ def test_gc_dry_run_changes_nothing(store: Store, tmp_path: Path) -> None:
     store.remove(a.diff_id)
     before = store.stats()
     r = store.gc(dry_run=True)
-    assert r.objects_freed == 11 and r.bytes_freed == before["physical_bytes"]
+    assert r.objects_freed == 12 and r.bytes_freed == before["physical_bytes"]
     assert store.stats() == before
 
 
@@ -98,7 +98,7 @@ def test_dead_pin_does_not_keep_objects_forever(store: Store, tmp_path: Path) ->
     try:
         wait_event(p, "pinned")
         r = store.gc()
-        assert r.skipped_pinned == 5 and r.objects_freed == 1  # only the manifest
+        assert r.skipped_pinned == 5 and r.objects_freed == 2  # only manifest and tar-split
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         r = store.gc()

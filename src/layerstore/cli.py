@@ -174,6 +174,32 @@ def materialize(c: Ctx, layer: str, dest: str, mode: str, no_sync: bool) -> None
     c.out(r.to_json(), human)
 
 
+@cli.command()
+@click.argument("layer")
+@click.option("-o", "--output", default="-", help="File to write (default: stdout).")
+@click.pass_obj
+def export(c: Ctx, layer: str, output: str) -> None:
+    """Write LAYER's original tar (byte for byte: its sha256 is the DiffID)."""
+    with c.open() as st:
+        info = st.layer(layer)
+        if output == "-":
+            n = st.export_layer(info.diff_id, sys.stdout.buffer)
+            return
+        tmp = f"{output}.layerstore-tmp"
+        try:
+            with open(tmp, "wb") as f, c.progress(info.bytes, "B", "export") as upd:
+                n = st.export_layer(info.diff_id, f, progress=upd)
+            os.rename(tmp, output)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    c.out(
+        {"diff_id": info.diff_id, "output": output, "bytes": n},
+        lambda: click.echo(f"{output}: {n} bytes, sha256 verified = {info.diff_id}"),
+    )
+
+
 @cli.command("rm")
 @click.argument("layers", nargs=-1, required=True)
 @click.pass_obj

@@ -348,6 +348,13 @@ class _Checker:
             mb3 = bytes.fromhex(rec["manifest"])
             counts[mb3] += 1
             missing: list[str] = []
+            if rec.get("tarsplit"):
+                ts = bytes.fromhex(rec["tarsplit"])
+                counts[ts] += 1
+                with idx.read() as txn:
+                    if idx.get_object(txn, ts) is None or ts in self.bad:
+                        lacking.add(ts)
+                        missing.append("*tar-split*")
             try:
                 if mb3 in self.bad:
                     raise CorruptObjectError("manifest object is missing or corrupt")

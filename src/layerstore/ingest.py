@@ -50,6 +50,7 @@ from .manifest import (
     ManifestWriter,
 )
 from .paths import PATH_MAX, PathSet, ancestors, normalize
+from .tarsplit import TarSplitWriter
 from .tarstream import TarMember, TarReader
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class _Importer:
         self.files = 0
         self.logical = 0
         self.replaces = 0
+        self.tarsplit = b""
+        self.tar_bytes = 0
 
     # staging -----------------------------------------------------------------------------
     def _staged_path(self, b3: bytes, sha: bytes) -> str:
@@ -337,6 +340,11 @@ def import_tar(
     try:
         result = _stream_phase(imp, blob)
         comp_digest, diff_id = blob.finish()  # whole blob read, integrity checked
+        if imp.tar_bytes != blob.total_out:
+            raise StoreError(
+                f"internal error: the tar-split covers {imp.tar_bytes} bytes of a "
+                f"{blob.total_out}-byte tar; please report this"
+            )
         imp.publish()
         result.diff_id = "sha256:" + diff_id.hex()
         result.compressed_digest = "sha256:" + comp_digest.hex()
@@ -351,6 +359,8 @@ def import_tar(
                 "compression": blob.compression,
                 "source": source,
                 "replaces": imp.replaces,
+                "tarsplit": imp.tarsplit.hex(),
+                "tar_bytes": imp.tar_bytes,
             },
             imp.pinned,
         )
@@ -394,12 +404,14 @@ def _check_ranges(m: TarMember) -> None:
 
 def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
     mpath = os.path.join(imp.stage, "manifest.tmp")
+    tspath = os.path.join(imp.stage, "tarsplit.tmp")
     dirs = PathSet()
     nondirs = PathSet()
     symlinks = PathSet()
     entries = 0
-    tar = TarReader(blob)
-    with open(mpath, "wb") as mf:
+    with open(mpath, "wb") as mf, open(tspath, "wb") as tsf:
+        split = TarSplitWriter(tsf)
+        tar = TarReader(blob, recorder=split)
         mw = ManifestWriter(mf)
         for m in tar:
             entries += 1
@@ -462,17 +474,26 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                 else:
                     raise InvalidInputError(f"entry {m.name!r} has unsupported tar type {typ!r}")
             mw.add(e)
+        tar.drain_rest()
         imp._flush_pins()
         mw.close()
+        split.close()
     imp.drain_writes()
     imp.end_known()
-    # The manifest is an object like any other: hash it and stage it under its digest.
-    with open(mpath, "rb") as f:
-        mdata = f.read()
-    os.unlink(mpath)
-    mb3 = imp.add_content(mdata)
+    # Manifest and tar-split are objects like any other: hashed, staged under their digest.
+    mb3, tsb3 = b"", b""
+    for path in (mpath, tspath):
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+        if path == mpath:
+            mb3 = imp.add_content(data)
+        else:
+            tsb3 = imp.add_content(data)
     imp._flush_pins()
     imp.drain_writes()
+    imp.tarsplit = tsb3
+    imp.tar_bytes = split.total
     return ImportResult(
         diff_id="",
         compressed_digest="",

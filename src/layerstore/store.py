@@ -239,6 +239,8 @@ class Store:
                     if e.kind == REG and e.digest is not None:
                         idx.add_refs(txn, e.digest, +1)
                 idx.add_refs(txn, manifest_b3, +1)
+                if info.get("tarsplit"):
+                    idx.add_refs(txn, bytes.fromhex(info["tarsplit"]), +1)
                 rec = {
                     "manifest": manifest_b3.hex(),
                     "compressed": [],
@@ -343,6 +345,14 @@ class Store:
         if rec is None:
             raise NotFoundError(f"layer {ref} was removed")
         return LayerInfo.from_record(diff_id, rec)
+
+    def _layer_record(self, ref: str) -> dict[str, Any]:
+        diff_id = self.resolve(ref)
+        with self.index.read() as txn:
+            rec = self.index.get_layer(txn, diff_id)
+        if rec is None:
+            raise NotFoundError(f"layer {ref} was removed")
+        return rec
 
     def entries(self, ref: str) -> Iterator[Entry]:
         """Stream a layer's manifest entries (in tar order)."""
@@ -452,12 +462,35 @@ class Store:
             if e.kind == REG and e.digest is not None:
                 idx.add_refs(txn, e.digest, -1)
         idx.add_refs(txn, mb3, -1)
+        if rec.get("tarsplit"):
+            idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), -1)
         for c in rec.get("compressed", []):
             txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
         txn.delete(diff_id, db=idx.db[b"layers"])
         self._dropped.append(diff_id)  # its backup file goes once this transaction commits
         for p in leases.layer_pinners(idx, txn, diff_id):
             leases.unpin_layer(idx, txn, p, diff_id)
+
+    # -- export ----------------------------------------------------------------------------
+    def export_layer(
+        self, ref: str, out: BinaryIO, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Write the layer's exact original tar (sha256 == DiffID, verified) to ``out``.
+
+        The layer is pinned while it is read, like a materialization.
+        """
+        from .export import export_tar
+
+        diff_id = self.resolve(ref)
+        with self.index.write() as txn:
+            rec = self.index.get_layer(txn, diff_id)
+            if rec is None or rec.get("state") != "live":
+                raise NotFoundError(f"layer {ref} was removed")
+            leases.pin_layer(self.index, txn, self.lease.id, diff_id)
+        try:
+            return export_tar(self, diff_id, rec, out, progress)
+        finally:
+            self._unpin_layer(diff_id)
 
     # -- maintenance -----------------------------------------------------------------------
     def gc(self, dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Any:

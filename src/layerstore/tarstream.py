@@ -162,8 +162,11 @@ def _pax_time_ns(v: bytes) -> int:
 class TarReader:
     """Iterate members of a tar stream; read each regular file's data with :meth:`read`."""
 
-    def __init__(self, src: Any) -> None:
+    def __init__(self, src: Any, recorder: Any = None) -> None:
         self.src = src
+        # A TarSplitWriter (or None): told about every byte consumed, as raw bytes or as a
+        # range of the current member's content, so the exact tar can be rebuilt later.
+        self.rec = recorder
         self._buf = b""
         self._pos = 0
         self.offset = 0  # bytes consumed from the stream
@@ -196,6 +199,8 @@ class TarReader:
         b = self._buf[self._pos : self._pos + n]
         self._pos += n
         self.offset += n
+        if self.rec is not None:
+            self.rec.raw(b)
         return b
 
     def _take_upto(self, n: int) -> bytes:
@@ -213,7 +218,18 @@ class TarReader:
             b = self._take_upto(min(n, 1 << 20))
             if not b:
                 raise InvalidInputError(f"tar stream is truncated inside {what}")
+            if self.rec is not None:
+                self.rec.raw(b)
             n -= len(b)
+
+    def drain_rest(self) -> None:
+        """Consume whatever follows the end-of-archive block (recorded: it is in the DiffID)."""
+        while True:
+            b = self._take_upto(1 << 20)
+            if not b:
+                return
+            if self.rec is not None:
+                self.rec.raw(b)
 
     # members ----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[TarMember]:
@@ -269,6 +285,8 @@ class TarReader:
                 raise InvalidInputError(
                     f"tar entry type {typ!r} (volume label / multi-volume) is not a layer entry"
                 )
+            if self.rec is not None:
+                self.rec.entry += 1
             return self._member(h, typ, size, {**self._global, **pax}, longname, longlink)
 
     def _member(
@@ -428,8 +446,11 @@ class TarReader:
             b = self._take_upto(min(n, self._left))
             if not b:
                 raise InvalidInputError("tar stream ends inside a file's data (truncated)")
+            if self.rec is not None:
+                self.rec.content(self._logical_pos, len(b))
             self._left -= len(b)
             self._logical_left -= len(b)
+            self._logical_pos += len(b)
             return b
         return self._read_sparse(n)
 
@@ -447,6 +468,8 @@ class TarReader:
             out = self._take_upto(min(want, self._left))
             if not out:
                 raise InvalidInputError("tar stream ends inside a sparse file's data (truncated)")
+            if self.rec is not None:
+                self.rec.content(pos, len(out))
             self._left -= len(out)
         self._logical_pos += len(out)
         self._logical_left -= len(out)
