@@ -163,21 +163,18 @@ class Cloner:
             self.counts[method.value] = self.counts.get(method.value, 0) + n
 
     def clone(self, dst_fd: int, src_fd: int, size: int) -> CopyMethod:
+        """Copy src into the empty dst; returns the method used (the caller counts)."""
         if size == 0:
-            self.count(CopyMethod.REFLINK if self.reflink_ok else CopyMethod.COPY)
-            return CopyMethod.REFLINK
+            return CopyMethod.REFLINK if self.reflink_ok else CopyMethod.COPY
         if self.reflink_ok:
             if try_ficlone(dst_fd, src_fd):
-                self.count(CopyMethod.REFLINK)
                 return CopyMethod.REFLINK
             self.reflink_ok = False
         if self.cfr_ok:
             if copy_range(dst_fd, src_fd, size):
-                self.count(CopyMethod.COPY_FILE_RANGE)
                 return CopyMethod.COPY_FILE_RANGE
             self.cfr_ok = False
         plain_copy(dst_fd, src_fd)
-        self.count(CopyMethod.COPY)
         return CopyMethod.COPY
 
 

@@ -75,6 +75,7 @@ class _Builder:
         self.lock = threading.Lock()
         self.dirfds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.progress: Callable[[int], None] | None = None
+        self.ordered = False  # the layer has replacing entries: clear a path before creating
 
     # helpers ---------------------------------------------------------------------------------
     def skip(self, what: str) -> None:
@@ -174,69 +175,93 @@ class _Builder:
 
     # entry kinds -----------------------------------------------------------------------------
     def make_files(self, batch: list[Entry]) -> None:
-        for e in batch:
-            self.make_file(e)
+        """Worker: create a batch of regular files (usually siblings: tar order groups them).
+
+        Each parent directory is resolved once per run of siblings with openat2 (no symlink
+        anywhere on the path); files are then created relative to it with O_CREAT|O_EXCL|
+        O_NOFOLLOW.  Method counts are merged once per batch, not per file.
+        """
+        counts: dict[CopyMethod, int] = {}
+        pdir = ""
+        pfd = -1
+        try:
+            for e in batch:
+                par = parent(e.path)
+                if par != pdir or pfd < 0:
+                    if pfd >= 0:
+                        os.close(pfd)
+                        pfd = -1
+                    pfd = self._open_parent(par, e.path)
+                    pdir = par
+                m = self.make_file(e, pfd)
+                counts[m] = counts.get(m, 0) + 1
+        finally:
+            if pfd >= 0:
+                os.close(pfd)
+            for m, n in counts.items():
+                self.cloner.count(m, n)
         if self.progress is not None:
             self.progress(len(batch))
 
-    def make_file(self, e: Entry) -> None:
-        """Worker: create one regular file with its content and metadata."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    def _open_parent(self, par: str, path: str) -> int:
+        try:
+            return open_beneath(self.root_fd, par, os.O_PATH | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                raise UnsafePathError(f"refusing to write {path!r} through a symlink") from None
+            raise
+
+    def make_file(self, e: Entry, pfd: int) -> CopyMethod:
+        """Create one regular file (in the directory ``pfd``) with its content and metadata."""
+        name = e.path.rpartition("/")[2]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         # Create with the final permission bits when the umask lets them through unchanged
         # and no special bits are involved: saves an fchmod for most files.
         perm = e.mode & 0o777
         create_mode = perm if perm == e.mode and not perm & self.umask else 0o600
         try:
-            fd = open_beneath(self.root_fd, e.path, flags, create_mode)
-        except FileExistsError:
-            fd = self._reopen_replaced(e.path, flags, create_mode)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
-                raise UnsafePathError(f"refusing to write {e.path!r} through a symlink") from None
-            raise
+            fd = os.open(name, flags, create_mode, dir_fd=pfd)
+        except FileExistsError:  # a later entry replaces an earlier one (tar semantics)
+            self._clear(pfd, name)
+            fd = os.open(name, flags, create_mode, dir_fd=pfd)
         try:
             if e.inline is not None:
                 if e.inline:
                     os.write(fd, e.inline)
-                self.cloner.count(CopyMethod.INLINE)
+                method = CopyMethod.INLINE
             elif e.digest is not None:
-                src = self.store.object_path(e.digest)
                 try:
-                    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+                    sfd = os.open(self.store.object_path(e.digest), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise CorruptObjectError(
                         f"object {e.digest.hex()} for {e.path!r} is missing from the store; "
                         "run `layerstore fsck --repair`"
                     ) from None
                 try:
-                    self.cloner.clone(fd, sfd, e.size)
+                    method = self.cloner.clone(fd, sfd, e.size)
                 finally:
                     os.close(sfd)
+            else:
+                method = CopyMethod.INLINE
             self._meta_fd(fd, e, create_mode)
         finally:
             os.close(fd)
-
-    def _reopen_replaced(self, path: str, flags: int, mode: int) -> int:
-        fd = open_beneath(self.root_fd, parent(path), os.O_PATH | os.O_DIRECTORY)
-        try:
-            self._clear(fd, os.path.basename(path))
-        finally:
-            os.close(fd)
-        return open_beneath(self.root_fd, path, flags, mode)
+        return method
 
     def make_hardlinked_object(self, e: Entry) -> None:
         """mode=hardlink: share the object's inode (its metadata stays the object's)."""
-        if e.digest is None:
-            self.make_file(e)
-            return
         pfd = self.dir_fd(parent(e.path))
+        if e.digest is None:
+            self.cloner.count(self.make_file(e, pfd))
+            return
         name = os.path.basename(e.path)
         self._clear(pfd, name)
         try:
             os.link(self.store.object_path(e.digest), name, dst_dir_fd=pfd)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
-                self.make_file(e)  # other fs / link limit: fall back to a real file
+                # other fs / link limit: fall back to a real file
+                self.cloner.count(self.make_file(e, pfd))
                 return
             if exc.errno == errno.ENOENT:
                 raise CorruptObjectError(
@@ -248,7 +273,8 @@ class _Builder:
     def make_special(self, e: Entry) -> None:
         pfd = self.dir_fd(parent(e.path))
         name = os.path.basename(e.path)
-        self._clear(pfd, name)
+        if self.ordered:
+            self._clear(pfd, name)
         if e.kind == SYMLINK:
             os.symlink(e.linkname, name, dir_fd=pfd)
             self.result.symlinks += 1
@@ -279,7 +305,8 @@ class _Builder:
         pfd = self.dir_fd(parent(e.path))
         tfd = self.dir_fd(parent(e.linkname))
         name = os.path.basename(e.path)
-        self._clear(pfd, name)
+        if self.ordered:
+            self._clear(pfd, name)
         try:
             os.link(
                 os.path.basename(e.linkname),
@@ -348,10 +375,11 @@ def materialize(
     root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     b = _Builder(store, root_fd, mode, result)
     b.progress = progress
+    b.ordered = ordered
     nworkers = workers or min(4, (os.cpu_count() or 1) + 1)
     try:
         manifest = store.object_path(manifest_b3)
-        has_links = False
+        links: list[Entry] = []
         root_entry: Entry | None = None
         inflight: collections.deque[Future[None]] = collections.deque()
         batch: list[Entry] = []
@@ -375,7 +403,8 @@ def materialize(
                         if progress:
                             progress(1)
                     elif ordered:
-                        b.make_file(e)  # a later entry may replace this path: keep tar order
+                        # a later entry may replace this path: keep tar order, one thread
+                        b.cloner.count(b.make_file(e, b.dir_fd(parent(e.path))))
                         if progress:
                             progress(1)
                     else:
@@ -387,18 +416,16 @@ def materialize(
                         root_entry = e
                     b.make_dir(e)
                 elif e.kind == HARDLINK:
-                    has_links = True
+                    links.append(e)  # made after every file exists; O(hardlinks) memory
                 elif e.kind in (SYMLINK, CHAR, BLOCK, FIFO):
                     b.make_special(e)
             if batch:
                 flush()
             while inflight:
                 inflight.popleft().result()
-        if has_links:
-            with open(manifest, "rb") as mf:
-                for e in read_manifest(mf):
-                    if e.kind == HARDLINK:
-                        b.make_hardlink(e)
+        for e in links:
+            b.make_hardlink(e)
+        links.clear()
         b.close()  # directory metadata: open fresh descriptors, the cache is done
         with open(manifest, "rb") as mf:
             for e in read_manifest(mf):
