@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import subprocess
@@ -264,3 +265,30 @@ def test_gnu_sparse_files(store: Store, tmp_path: Path, fmt: str, extra: list[st
     store.materialize(res.diff_id, str(got))
     assert diff_trees(str(gnu_untar(tarball, tmp_path / "x")), str(got)) == []
     assert (got / "sparse.img").stat().st_size == 12 << 20
+
+
+def test_reimport_of_a_known_blob_is_recognised_by_its_digest(store: Store, tree_and_tars):
+    _src, tars = tree_and_tars
+    first = store.import_path(str(tars["pax.gz"]))
+    again = store.import_path(str(tars["pax.gz"]))
+    assert again.already_present and again.stats == {"shortcut": 1}
+    assert again.diff_id == first.diff_id and again.new_objects == 0
+    forced = store.import_path(str(tars["pax.gz"]), shortcut=False)
+    assert forced.already_present and forced.stats == {} and forced.diff_id == first.diff_id
+    # stdin-like streams cannot be rewound: the normal path, same answer
+    with open(tars["pax.gz"], "rb") as f:
+        piped = store.import_tar(io.BufferedReader(_Unseekable(f)))
+    assert piped.already_present and piped.stats == {}
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)

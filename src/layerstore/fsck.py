@@ -602,7 +602,7 @@ class _Checker:
             # A layer tarball: importing it writes exactly the contents the index lacks (the
             # bad records were dropped above), each verified by digest on the way in.
             try:
-                st.import_path(src)
+                st.import_path(src, shortcut=False)
             except LayerstoreError as exc:
                 self.report.add("source-unusable", src, f"source {src} could not be read: {exc}")
                 return got

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
+import io
 import os
 import shutil
+import stat
 import tarfile
 import threading
 import time
@@ -332,9 +335,18 @@ def import_tar(
     stream: BinaryIO,
     progress: Callable[[int], None] | None = None,
     source: str = "",
+    shortcut: bool = True,
 ) -> ImportResult:
-    """Import one layer from a tar stream (plain/gzip/zstd); see the module docstring."""
+    """Import one layer from a tar stream (plain/gzip/zstd); see the module docstring.
+
+    ``shortcut=False`` reads the blob even if its compressed digest is known (fsck uses it to
+    re-create lost objects from a source tarball).
+    """
     t0 = time.monotonic()
+    known = _known_blob(store, stream) if shortcut else None
+    if known is not None:
+        known.seconds = time.monotonic() - t0
+        return known
     blob = BlobReader(stream, progress)
     imp = _Importer(store, progress=None)
     try:
@@ -383,6 +395,41 @@ def import_tar(
         imp.writers.shutdown(wait=True, cancel_futures=True)
         store.release_import_pins(imp.pinned)
         shutil.rmtree(imp.stage, ignore_errors=True)
+
+
+def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
+    """For a regular file: if its sha256 is a compressed digest of a stored layer, that layer
+    *is* this blob -- nothing to parse or write.  One sequential read (~1.5 GB/s of sha256)
+    that saves a re-import all of its decompression, parsing and hashing.  Streams that cannot
+    be rewound (stdin, pipes) take the normal path."""
+    try:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            return None
+        start = stream.tell()
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
+    h = hashlib.sha256()
+    while chunk := stream.read(_READ):
+        h.update(chunk)
+    stream.seek(start)
+    comp = h.digest()
+    idx = store.index
+    with idx.read() as txn:
+        diff_id = txn.get(comp, db=idx.db[b"compressed"])
+        rec = idx.get_layer(txn, bytes(diff_id)) if diff_id is not None else None
+    if rec is None or rec.get("state") != "live" or rec.get("damaged"):
+        return None
+    return ImportResult(
+        diff_id="sha256:" + bytes(diff_id).hex(),
+        compressed_digest="sha256:" + comp.hex(),
+        compression=rec.get("compression", ""),
+        manifest=rec["manifest"],
+        entries=rec["entries"],
+        files=rec["files"],
+        logical_bytes=rec["bytes"],
+        already_present=True,
+        stats={"shortcut": 1},  # recognised by its compressed digest
+    )
 
 
 def _check_ranges(m: TarMember) -> None:

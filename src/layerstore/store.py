@@ -203,8 +203,13 @@ class Store:
 
         return import_tar(self, stream, progress, source)
 
-    def import_path(self, path: str, progress: Callable[[int], None] | None = None) -> Any:
-        """Import from a tar file, ``-`` (stdin), or a directory."""
+    def import_path(
+        self, path: str, progress: Callable[[int], None] | None = None, shortcut: bool = True
+    ) -> Any:
+        """Import from a tar file, ``-`` (stdin), or a directory.
+
+        A tar file whose sha256 is already a stored layer's compressed digest is recognised
+        without being parsed (``shortcut=False`` forces the full import)."""
         from .ingest import import_directory, import_tar
 
         if path == "-":
@@ -216,7 +221,7 @@ class Store:
         except OSError as exc:
             raise InvalidInputError(f"cannot open {path}: {exc.strerror}") from None
         with f:
-            return import_tar(self, f, progress, source=os.path.abspath(path))
+            return import_tar(self, f, progress, source=os.path.abspath(path), shortcut=shortcut)
 
     def _commit_layer(
         self,
