@@ -240,9 +240,7 @@ class Store:
             rec = idx.get_layer(txn, diff_id)
             present = rec is not None
             if rec is None:
-                for e in self._manifest_entries(manifest_b3):
-                    if e.kind == REG and e.digest is not None:
-                        idx.add_refs(txn, e.digest, +1)
+                idx.add_refs_many(txn, self._object_refs(manifest_b3), +1)
                 idx.add_refs(txn, manifest_b3, +1)
                 if info.get("tarsplit"):
                     idx.add_refs(txn, bytes.fromhex(info["tarsplit"]), +1)
@@ -308,6 +306,12 @@ class Store:
             ) from None
         with f:
             yield from read_manifest(f)
+
+    def _object_refs(self, manifest_b3: bytes) -> Iterator[bytes]:
+        """The object digests a manifest references, one per reference."""
+        for e in self._manifest_entries(manifest_b3):
+            if e.kind == REG and e.digest is not None:
+                yield e.digest
 
     def layers(self, include_deleted: bool = False) -> list[LayerInfo]:
         with self.index.read() as txn:
@@ -463,9 +467,7 @@ class Store:
     def _drop_layer_refs(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
         idx = self.index
         mb3 = parse_hex(rec["manifest"])
-        for e in self._manifest_entries(mb3):
-            if e.kind == REG and e.digest is not None:
-                idx.add_refs(txn, e.digest, -1)
+        idx.add_refs_many(txn, self._object_refs(mb3), -1)
         idx.add_refs(txn, mb3, -1)
         if rec.get("tarsplit"):
             idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), -1)
