@@ -3,7 +3,7 @@
 :class:`BlobReader` runs decompression and both sha256 digests (compressed blob digest, and
 the DiffID over the uncompressed tar) in a producer thread: ISA-L/zlib, libzstd and hashlib
 release the GIL, so on two cores this work overlaps the tar parsing and file hashing done by
-the consumer (with ISA-L inflate the producer is the lighter side; docs/benchmarks.md).
+the consumer (with ISA-L inflate the producer is the lighter side; docs/architecture.md).
 
 The producer always reads its input to the very end and checks the container's own
 integrity: gzip CRC32/ISIZE of every member, zstd frame completeness and checksums, and refuses

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 # Files up to this size are kept in the manifest instead of becoming objects.  composefs uses
-# 64 bytes; docs/benchmarks.md has the measurement behind keeping that value.
+# 64 bytes; docs/architecture.md has the measurement behind keeping that value.
 INLINE_MAX: Final = 64
 # Files up to this size are read into memory and hashed before anything is written, so content
 # already stored is never written again.  Larger files stream through a staging file.
