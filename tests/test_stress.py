@@ -75,7 +75,9 @@ def test_concurrent_import_materialize_remove_gc(scratch_xfs: LoopFS) -> None:
     records = [json.loads(line) for line in log.read_text().splitlines()]
     errors = [r for r in records if "error" in r]
     assert not errors, f"seed={SEED}: {errors[:5]}"
-    ops = {op: sum(r["op"] == op for r in records) for op in ("import", "materialize", "remove", "gc")}
+    ops = {
+        op: sum(r["op"] == op for r in records) for op in ("import", "materialize", "remove", "gc")
+    }
     assert all(n > 0 for n in ops.values()), f"seed={SEED}: not every operation ran: {ops}"
 
     # Every materialization that reported success is byte-exact.
