@@ -17,6 +17,7 @@ from .errors import (
     CorruptObjectError,
     DestinationError,
     FormatVersionError,
+    InUseError,
     InvalidInputError,
     LayerstoreError,
     NotFoundError,
@@ -26,6 +27,7 @@ from .errors import (
 from .ingest import ImportResult
 from .manifest import Entry
 from .materialize import MaterializeResult
+from .oci import ImageResult
 from .store import LayerInfo, Store, default_store_path
 
 __version__ = "0.1.0"
@@ -37,7 +39,9 @@ __all__ = [
     "DestinationError",
     "Entry",
     "FormatVersionError",
+    "ImageResult",
     "ImportResult",
+    "InUseError",
     "InvalidInputError",
     "LayerInfo",
     "LayerstoreError",

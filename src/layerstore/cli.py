@@ -200,6 +200,65 @@ def export(c: Ctx, layer: str, output: str) -> None:
     )
 
 
+@cli.command("import-oci")
+@click.argument("layout")
+@click.option("--ref", help="Tag in the layout (org.opencontainers.image.ref.name).")
+@click.option("--name", help="Name of the image in the store (default: the tag).")
+@click.option("--platform", help="os/arch to pick from an index (default: this machine's).")
+@click.pass_obj
+def import_oci(
+    c: Ctx, layout: str, ref: str | None, name: str | None, platform: str | None
+) -> None:
+    """Import an image from an OCI image layout directory (LAYOUT or LAYOUT:TAG)."""
+    if ref is None and ":" in layout and not os.path.isdir(layout):
+        layout, ref = layout.rsplit(":", 1)
+    with c.open(create=True) as st:
+        r = st.import_oci(layout, ref=ref, name=name, platform=platform)
+
+    def human() -> None:
+        click.echo(
+            f"image {r.name}: {len(r.layers)} layers ({r.new_layers} new, "
+            f"{r.reused_layers} already stored), manifest {r.manifest}; {r.seconds:.2f}s"
+        )
+
+    c.out(r.to_json(), human)
+
+
+@cli.command("images")
+@click.pass_obj
+def images(c: Ctx) -> None:
+    """List images."""
+    with c.open() as st:
+        ims = st.images()
+
+    def human() -> None:
+        for im in ims:
+            click.echo(f"{im['name']:<30} {len(im['layers'])} layers  {im['manifest_digest']}")
+
+    c.out(ims, human)
+
+
+@cli.command("rmi")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_obj
+def rmi(c: Ctx, names: tuple[str, ...]) -> None:
+    """Remove images (their layers go when no other image uses them)."""
+    with c.open() as st:
+        out = [st.rmi(n) for n in names]
+    c.out(out, lambda: [click.echo(f"removed image {o['image']}") for o in out])
+
+
+@cli.command("tag")
+@click.argument("src")
+@click.argument("dst")
+@click.pass_obj
+def tag(c: Ctx, src: str, dst: str) -> None:
+    """Name image SRC also DST."""
+    with c.open() as st:
+        st.tag(src, dst)
+    c.out({"src": src, "dst": dst}, lambda: click.echo(f"{dst} -> {src}"))
+
+
 @cli.command("rm")
 @click.argument("layers", nargs=-1, required=True)
 @click.pass_obj

@@ -67,3 +67,9 @@ class ConcurrencyError(LayerstoreError):
     """An operation could not complete because of concurrent work (e.g. gc holding a digest)."""
 
     exit_code = 7
+
+
+class InUseError(LayerstoreError):
+    """The thing to remove is still used (a layer by an image)."""
+
+    exit_code = 9

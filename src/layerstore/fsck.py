@@ -528,6 +528,44 @@ class _Checker:
             for _, _, p in fixes:
                 p.repaired = True
 
+    def check_images(self) -> None:
+        """Images name existing layers; each layer's image count equals the images using it."""
+        rep = self.report
+        idx = self.idx
+        uses: Counter[bytes] = Counter()
+        with idx.read() as txn:
+            images = self.st._iter_images(txn)
+            layers = dict(idx.iter_layers(txn))
+        for name, im in images:
+            for h in im["layers"]:
+                d = bytes.fromhex(h)
+                uses[d] += 1
+                if d not in layers:
+                    rep.add(
+                        "image-layer-missing",
+                        name,
+                        f"image {name!r} lists layer sha256:{h} which is not in the store; "
+                        "re-import the image",
+                    )
+        fixes = []
+        for d, rec in layers.items():
+            if rec.get("images", 0) != uses.get(d, 0):
+                p = rep.add(
+                    "image-count-wrong",
+                    d.hex(),
+                    f"layer {d.hex()[:16]} says {rec.get('images', 0)} images use it, "
+                    f"{uses.get(d, 0)} do",
+                )
+                fixes.append((d, p))
+        if self.repair and fixes:
+            with idx.write() as txn:
+                for d, p in fixes:
+                    rec = idx.get_layer(txn, d)
+                    if rec is not None:
+                        rec["images"] = uses.get(d, 0)
+                        idx.put_layer(txn, d, rec)
+                        p.repaired = True
+
     def check_compressed_and_backups(self) -> None:
         rep = self.report
         idx = self.idx
@@ -687,6 +725,7 @@ def fsck(
     c.check_files()
     c.check_aliases()
     c.check_layers()
+    c.check_images()
     c.check_compressed_and_backups()
     c.report.seconds = time.monotonic() - t0
     return c.report

@@ -18,6 +18,7 @@ Named databases (keys are raw 32-byte digests unless noted; the layout is in doc
 ``layer_pins``  DiffID + lease id -> "" (a materialization reading a layer)
 ``doomed``      blake3 -> lease id of the gc that is unlinking it right now
 ``chunks``      chunk sha256 -> blake3, offset, length (zstd:chunked reuse)
+``images``      image name -> JSON image record (manifest, config, ordered layer DiffIDs)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ DB_NAMES: Final = (
     b"layer_pins",
     b"doomed",
     b"chunks",
+    b"images",
 )
 _DUPSORT: Final = {b"pins"}
 _OBJ = struct.Struct("<Q32sQ")

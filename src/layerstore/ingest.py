@@ -336,6 +336,7 @@ def import_tar(
     progress: Callable[[int], None] | None = None,
     source: str = "",
     shortcut: bool = True,
+    image_owned: bool = False,
 ) -> ImportResult:
     """Import one layer from a tar stream (plain/gzip/zstd); see the module docstring.
 
@@ -345,6 +346,8 @@ def import_tar(
     t0 = time.monotonic()
     known = _known_blob(store, stream) if shortcut else None
     if known is not None:
+        if not image_owned:
+            store._mark_standalone(bytes.fromhex(known.diff_id[7:]))
         known.seconds = time.monotonic() - t0
         return known
     blob = BlobReader(stream, progress)
@@ -373,6 +376,8 @@ def import_tar(
                 "replaces": imp.replaces,
                 "tarsplit": imp.tarsplit.hex(),
                 "tar_bytes": imp.tar_bytes,
+                "standalone": not image_owned,
+                "images": 0,
             },
             imp.pinned,
         )

@@ -33,8 +33,10 @@ from . import leases
 from .digests import DigestSet, parse_hex
 from .errors import (
     AmbiguousError,
+    ConcurrencyError,
     CorruptObjectError,
     FormatVersionError,
+    InUseError,
     InvalidInputError,
     NotFoundError,
     StoreError,
@@ -45,6 +47,12 @@ from .manifest import REG, Entry, read_manifest
 FORMAT_VERSION: Final = 1
 FORMAT_FILE: Final = "layerstore.json"
 ENV_STORE: Final = "LAYERSTORE_STORE"
+
+
+def sha256_hex(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def default_store_path() -> str:
@@ -204,7 +212,11 @@ class Store:
         return import_tar(self, stream, progress, source)
 
     def import_path(
-        self, path: str, progress: Callable[[int], None] | None = None, shortcut: bool = True
+        self,
+        path: str,
+        progress: Callable[[int], None] | None = None,
+        shortcut: bool = True,
+        image_owned: bool = False,
     ) -> Any:
         """Import from a tar file, ``-`` (stdin), or a directory.
 
@@ -221,7 +233,14 @@ class Store:
         except OSError as exc:
             raise InvalidInputError(f"cannot open {path}: {exc.strerror}") from None
         with f:
-            return import_tar(self, f, progress, source=os.path.abspath(path), shortcut=shortcut)
+            return import_tar(
+                self,
+                f,
+                progress,
+                source=os.path.abspath(path),
+                shortcut=shortcut,
+                image_owned=image_owned,
+            )
 
     def _commit_layer(
         self,
@@ -251,8 +270,11 @@ class Store:
                     "state": "live",
                     **info,
                 }
-            elif rec.get("state") == "deleted":
-                rec["state"] = "live"  # removed while pinned; references were never dropped
+            else:
+                if rec.get("state") == "deleted":
+                    rec["state"] = "live"  # removed while pinned; references never dropped
+                if info.get("standalone"):
+                    rec["standalone"] = True
             if comp.hex() not in rec["compressed"]:
                 rec["compressed"].append(comp.hex())
             txn.put(comp, diff_id, db=idx.db[b"compressed"])
@@ -445,6 +467,12 @@ class Store:
             rec = idx.get_layer(txn, diff_id)
             if rec is None or rec.get("state") != "live":
                 raise NotFoundError(f"layer {ref} was removed already")
+            if rec.get("images", 0) > 0:
+                users = [n for n, im in self._iter_images(txn) if diff_id.hex() in im["layers"]]
+                raise InUseError(
+                    f"layer sha256:{diff_id.hex()} is used by image(s) {', '.join(users)}; "
+                    "remove those with `layerstore rmi` (it goes with the last of them)"
+                )
             live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
             if any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
                 rec["state"] = "deleted"
@@ -463,6 +491,142 @@ class Store:
             "deferred": deferred,
             "seconds": time.monotonic() - t0,
         }
+
+    def _drop_or_defer(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> bool:
+        """Remove a layer now, or hide it until its live readers unpin it.  True if deferred."""
+        live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
+        if any(live.alive(p) for p in leases.layer_pinners(self.index, txn, diff_id)):
+            rec["state"] = "deleted"
+            self.index.put_layer(txn, diff_id, rec)
+            for c in rec.get("compressed", []):
+                txn.delete(bytes.fromhex(c), db=self.index.db[b"compressed"])
+            return True
+        self._drop_layer_refs(txn, diff_id, rec)
+        return False
+
+    # -- images ----------------------------------------------------------------------------
+    def _iter_images(self, txn: lmdb.Transaction) -> list[tuple[str, dict[str, Any]]]:
+        cur = txn.cursor(db=self.index.db[b"images"])
+        return [(bytes(k).decode(), json.loads(v)) for k, v in cur]
+
+    def images(self) -> list[dict[str, Any]]:
+        with self.index.read() as txn:
+            out = [
+                {
+                    "name": n,
+                    **{k: v for k, v in im.items() if k not in ("manifest_json", "config_json")},
+                }
+                for n, im in self._iter_images(txn)
+            ]
+        return sorted(out, key=lambda im: im["name"])
+
+    def image(self, name: str) -> dict[str, Any]:
+        with self.index.read() as txn:
+            raw = txn.get(name.encode(), db=self.index.db[b"images"])
+        if raw is None:
+            raise NotFoundError(f"no image {name!r}; `layerstore images` lists them")
+        return {"name": name, **json.loads(raw)}
+
+    def import_oci(
+        self,
+        layout: str,
+        ref: str | None = None,
+        name: str | None = None,
+        platform: str | None = None,
+    ) -> Any:
+        """Import an image from an OCI image layout (see ``layerstore.oci``)."""
+        from .oci import import_layout
+
+        return import_layout(self, layout, ref=ref, name=name, plat=platform)
+
+    def _mark_standalone(self, diff_id: bytes) -> None:
+        with self.index.write() as txn:
+            rec = self.index.get_layer(txn, diff_id)
+            if rec is not None and not rec.get("standalone", True):
+                rec["standalone"] = True
+                self.index.put_layer(txn, diff_id, rec)
+
+    def _commit_image(
+        self, name: str, manifest: bytes, config: bytes, layers: list[str], media_type: str
+    ) -> None:
+        """One transaction: the image record, +1 image reference per layer it lists."""
+        import base64
+
+        if not name or len(name.encode()) > 255 or "\x00" in name:
+            raise InvalidInputError(f"bad image name {name!r}")
+        idx = self.index
+        with idx.write() as txn:
+            raw = txn.get(name.encode(), db=idx.db[b"images"])
+            old = json.loads(raw) if raw is not None else None
+            for d in layers:
+                rec = idx.get_layer(txn, bytes.fromhex(d[7:]))
+                if rec is None or rec.get("state") != "live":
+                    raise ConcurrencyError(f"layer {d} was removed during the import; retry")
+                rec["images"] = rec.get("images", 0) + 1
+                idx.put_layer(txn, bytes.fromhex(d[7:]), rec)
+            record = {
+                "manifest_digest": "sha256:" + sha256_hex(manifest),
+                "config_digest": "sha256:" + sha256_hex(config),
+                "media_type": media_type,
+                "layers": [d[7:] for d in layers],
+                "created": time.time(),
+                "manifest_json": base64.b64encode(manifest).decode(),
+                "config_json": base64.b64encode(config).decode(),
+            }
+            txn.put(name.encode(), json.dumps(record).encode(), db=idx.db[b"images"])
+            if old is not None:  # a tag moved: release what the old image held
+                for h in old["layers"]:
+                    self._release_in_txn(txn, bytes.fromhex(h))
+        self._remove_layer_backups()
+
+    def _release_in_txn(self, txn: lmdb.Transaction, diff_id: bytes) -> None:
+        rec = self.index.get_layer(txn, diff_id)
+        if rec is None:
+            return
+        rec["images"] = max(0, rec.get("images", 0) - 1)
+        if rec["images"] == 0 and not rec.get("standalone", True):
+            if rec.get("state") == "live":
+                self._drop_or_defer(txn, diff_id, rec)
+        else:
+            self.index.put_layer(txn, diff_id, rec)
+
+    def _release_image_layer(self, diff_id_text: str, created_for_failed_import: bool) -> None:
+        """Undo a layer a failed image import created (it has no image references yet)."""
+        diff_id = bytes.fromhex(diff_id_text[7:])
+        with self.index.write() as txn:
+            rec = self.index.get_layer(txn, diff_id)
+            if rec is not None and rec.get("images", 0) == 0 and not rec.get("standalone"):
+                self._drop_or_defer(txn, diff_id, rec)
+        self._remove_layer_backups()
+
+    def rmi(self, name: str) -> dict[str, Any]:
+        """Remove an image: drops its references; layers no other image uses go with it."""
+        idx = self.index
+        with idx.write() as txn:
+            raw = txn.get(name.encode(), db=idx.db[b"images"])
+            if raw is None:
+                raise NotFoundError(f"no image {name!r}; `layerstore images` lists them")
+            im = json.loads(raw)
+            txn.delete(name.encode(), db=idx.db[b"images"])
+            before = {k for k, _ in idx.iter_layers(txn)}
+            for h in im["layers"]:
+                self._release_in_txn(txn, bytes.fromhex(h))
+            after = {k for k, r in idx.iter_layers(txn) if r.get("state") == "live"}
+        self._remove_layer_backups()
+        return {"image": name, "layers_removed": len(before - after)}
+
+    def tag(self, src: str, dst: str) -> None:
+        """Give image ``src`` another name ``dst`` (both then reference its layers)."""
+        import base64
+
+        im = self.image(src)
+        self._commit_image(
+            dst,
+            base64.b64decode(im["manifest_json"]),
+            base64.b64decode(im["config_json"]),
+            ["sha256:" + h for h in im["layers"]],
+            im.get("media_type", ""),
+        )
 
     def _drop_layer_refs(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
         idx = self.index

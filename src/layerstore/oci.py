@@ -1,0 +1,235 @@
+"""OCI image layouts: import an image (index → manifest → config → layers) as a named image.
+
+An *image* is a reference: a name pointing at its manifest and config (both kept as objects)
+and at its ordered layers.  Layers imported for an image are owned by images; removing the last
+image that uses such a layer removes the layer (references only, gc frees the space).  A layer
+the user imported directly stays until removed directly.
+
+Everything read from a layout is untrusted: blob paths are built only from validated sha256
+digests (never from names in the layout), every blob's size and digest are checked, every
+layer's DiffID must equal the config's ``rootfs.diff_ids`` entry, and JSON documents are capped
+in size.  A failed import removes the layers it created, so nothing half-imported stays
+referenced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from .errors import InvalidInputError, LayerstoreError, NotFoundError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+MAX_JSON: Final = 4 << 20
+INDEX_TYPES: Final = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+MANIFEST_TYPES: Final = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+LAYER_TYPES: Final = {
+    "application/vnd.oci.image.layer.v1.tar": "none",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+}
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
+
+
+@dataclass
+class ImageResult:
+    name: str
+    manifest: str
+    config: str
+    layers: list[str]
+    new_layers: int = 0
+    reused_layers: int = 0
+    seconds: float = 0.0
+    per_layer: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def host_platform() -> str:
+    return f"linux/{_ARCH.get(platform.machine(), platform.machine())}"
+
+
+class _Layout:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        try:
+            with open(os.path.join(self.root, "oci-layout")) as f:
+                marker = json.load(f)
+        except (OSError, ValueError):
+            raise InvalidInputError(f"{root} is not an OCI image layout (no oci-layout)") from None
+        if not isinstance(marker, dict) or marker.get("imageLayoutVersion") != "1.0.0":
+            raise InvalidInputError(f"{root}: unsupported imageLayoutVersion")
+
+    def blob_path(self, desc: dict[str, Any]) -> str:
+        """Path of a descriptor's blob, from its digest alone (never a path from the layout)."""
+        digest = desc.get("digest")
+        m = _DIGEST.match(digest) if isinstance(digest, str) else None
+        if m is None:
+            raise InvalidInputError(f"descriptor digest {digest!r} is not a sha256 digest")
+        size = desc.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise InvalidInputError(f"descriptor {digest} has no valid size")
+        path = os.path.join(self.root, "blobs", "sha256", m.group(1))
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"blob {digest} is missing from the layout")
+        real = os.path.realpath(path)
+        if not real.startswith(os.path.realpath(self.root) + os.sep):
+            raise InvalidInputError(f"blob {digest} resolves outside the layout")
+        return path
+
+    def read_json(self, desc: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        path = self.blob_path(desc)
+        size = desc["size"]
+        if size > MAX_JSON:
+            raise InvalidInputError(f"{desc['digest']}: a {size}-byte JSON document is too big")
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON + 1)
+        if len(data) != size:
+            raise InvalidInputError(f"blob {desc['digest']} is {len(data)} bytes, not {size}")
+        if "sha256:" + hashlib.sha256(data).hexdigest() != desc["digest"]:
+            raise InvalidInputError(f"blob {desc['digest']} does not match its digest")
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise InvalidInputError(f"blob {desc['digest']} is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidInputError(f"blob {desc['digest']} is not a JSON object")
+        return doc, data
+
+
+def _select(
+    layout: _Layout, index: dict[str, Any], ref: str | None, plat: str, depth: int = 0
+) -> dict[str, Any]:
+    """Pick the image manifest descriptor: by ref name at the top, by platform in lists."""
+    if depth > 4:
+        raise InvalidInputError("image indexes nest too deeply")
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise InvalidInputError("image index has no manifests")
+    cands = manifests
+    if depth == 0 and ref is not None:
+        cands = [
+            m
+            for m in manifests
+            if isinstance(m, dict)
+            and (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == ref
+        ]
+        if not cands:
+            raise NotFoundError(f"the layout has no image tagged {ref!r}")
+    if len(cands) > 1:
+        os_, _, arch = plat.partition("/")
+        cands = [
+            m
+            for m in cands
+            if (m.get("platform") or {}).get("os", os_) == os_
+            and (m.get("platform") or {}).get("architecture", arch) == arch
+        ]
+        if len(cands) != 1:
+            raise InvalidInputError(
+                f"the layout has {len(cands)} images for platform {plat}; name one with a tag"
+            )
+    desc = cands[0]
+    if not isinstance(desc, dict):
+        raise InvalidInputError("bad descriptor in the image index")
+    mt = desc.get("mediaType")
+    if mt in INDEX_TYPES:
+        nested, _ = layout.read_json(desc)
+        return _select(layout, nested, None, plat, depth + 1)
+    if mt not in MANIFEST_TYPES:
+        raise InvalidInputError(f"unsupported manifest media type {mt!r}")
+    return desc
+
+
+def import_layout(
+    store: Store,
+    path: str,
+    ref: str | None = None,
+    name: str | None = None,
+    plat: str | None = None,
+) -> ImageResult:
+    """Import the image ``ref`` (or the only image) of an OCI layout as image ``name``."""
+    t0 = time.monotonic()
+    layout = _Layout(path)
+    with open(os.path.join(layout.root, "index.json"), "rb") as f:
+        raw = f.read(MAX_JSON + 1)
+    if len(raw) > MAX_JSON:
+        raise InvalidInputError("index.json is too big")
+    try:
+        index = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInputError(f"index.json is not JSON: {exc}") from None
+    if not isinstance(index, dict):
+        raise InvalidInputError("index.json is not a JSON object")
+    mdesc = _select(layout, index, ref, plat or host_platform())
+    manifest, mbytes = layout.read_json(mdesc)
+    cdesc = manifest.get("config")
+    layers = manifest.get("layers")
+    if not isinstance(cdesc, dict) or not isinstance(layers, list):
+        raise InvalidInputError(f"manifest {mdesc['digest']} lacks config or layers")
+    config, cbytes = layout.read_json(cdesc)
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        raise InvalidInputError(
+            f"config {cdesc['digest']} lists {len(diff_ids or [])} diff_ids for "
+            f"{len(layers)} layers"
+        )
+    for d in layers:
+        if not isinstance(d, dict) or d.get("mediaType") not in LAYER_TYPES:
+            mt = d.get("mediaType") if isinstance(d, dict) else d
+            raise InvalidInputError(f"layer media type {mt!r} is not supported")
+        layout.blob_path(d)  # validate every path before importing anything
+    name = name or ref or mdesc["digest"]
+    result = ImageResult(name=name, manifest=mdesc["digest"], config=cdesc["digest"], layers=[])
+    created: list[str] = []
+    try:
+        for i, (d, want) in enumerate(zip(layers, diff_ids, strict=True)):
+            blob = layout.blob_path(d)
+            if os.path.getsize(blob) != d["size"]:
+                raise InvalidInputError(f"layer {i} ({d['digest']}): size differs from manifest")
+            r = store.import_path(blob, image_owned=True)
+            if r.compressed_digest != d["digest"]:
+                raise InvalidInputError(
+                    f"layer {i} blob {d['digest']} hashes to {r.compressed_digest}"
+                )
+            if not r.already_present:
+                created.append(r.diff_id)
+            if r.diff_id != want:
+                raise InvalidInputError(
+                    f"layer {i} ({d['digest']}) has DiffID {r.diff_id}, but the config says {want}"
+                )
+            result.layers.append(r.diff_id)
+            result.per_layer.append(
+                {"digest": d["digest"], "diff_id": r.diff_id, "new": not r.already_present}
+            )
+        store._commit_image(name, mbytes, cbytes, result.layers, mdesc.get("mediaType", ""))
+    except BaseException:
+        for diff_id in created:  # nothing half-imported stays referenced
+            try:
+                store._release_image_layer(diff_id, created_for_failed_import=True)
+            except LayerstoreError:
+                pass
+        raise
+    result.new_layers = len(created)
+    result.reused_layers = len(result.layers) - len(created)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+__all__ = ["ImageResult", "host_platform", "import_layout"]

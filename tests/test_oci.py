@@ -1,0 +1,189 @@
+"""OCI image layouts written by umoci and skopeo: images as references; hostile layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from layerstore import InUseError, InvalidInputError, NotFoundError, Store
+
+corpus = pytest.importorskip("corpus")
+pytestmark = pytest.mark.realdata
+
+
+def _need(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except corpus.CorpusError as exc:
+        if corpus.os.geteuid() == 0:
+            raise
+        pytest.skip(f"REAL-DATA TEST SKIPPED: {exc}")
+
+
+def test_v1_then_v2_stores_only_new_content(store: Store) -> None:
+    layout = _need(corpus.umoci_layout)
+    v1 = store.import_oci(str(layout), ref="v1")
+    before = store.stats()["physical_bytes"]
+    v2 = store.import_oci(str(layout), ref="v2")
+    added = store.stats()["physical_bytes"] - before
+    assert v1.new_layers == 1 and v2.reused_layers == 1 and v2.new_layers == 1
+    assert v2.layers[0] == v1.layers[0]
+    assert added < 0.05 * before, (added, before)
+    cfg = json.loads((layout / "blobs" / "sha256" / v2.config[7:]).read_text())
+    assert v2.layers == cfg["rootfs"]["diff_ids"]
+    assert [im["name"] for im in store.images()] == ["v1", "v2"]
+
+
+def test_images_are_references(store: Store) -> None:
+    layout = _need(corpus.umoci_layout)
+    v1 = store.import_oci(str(layout), ref="v1")
+    v2 = store.import_oci(str(layout), ref="v2")
+    with pytest.raises(InUseError, match="v1"):
+        store.remove(v1.layers[0])  # used by both images
+    assert store.rmi("v1")["layers_removed"] == 0  # v2 still uses the base layer
+    assert {li.diff_id for li in store.layers()} == set(v2.layers)
+    store.tag("v2", "latest")
+    store.rmi("v2")
+    assert {li.diff_id for li in store.layers()} == set(v2.layers)
+    assert store.rmi("latest")["layers_removed"] == 2
+    assert store.layers() == []
+    store.gc()
+    assert store.stats()["objects"] == 0
+    assert store.fsck().problems == []
+
+
+def test_a_directly_imported_layer_outlives_its_images(store: Store) -> None:
+    layout = _need(corpus.umoci_layout)
+    v1 = store.import_oci(str(layout), ref="v1")
+    blob = next((layout / "blobs" / "sha256").iterdir())  # any blob; find the layer's
+    for p in (layout / "blobs" / "sha256").iterdir():
+        if store.layers()[0].compressed[0].endswith(p.name):
+            blob = p
+    store.import_path(str(blob))  # now also wanted on its own
+    store.rmi("v1")
+    assert [li.diff_id for li in store.layers()] == v1.layers
+
+
+@pytest.mark.parametrize("comp", ["gzip", "zstd", "zstd:chunked"])
+def test_skopeo_layouts(store: Store, comp: str) -> None:
+    layout = _need(corpus.oci_layout, 2, comp)
+    r = store.import_oci(str(layout), ref="v2", name=f"v2-{comp}")
+    assert len(r.layers) == 2
+
+
+def _copy_layout(tmp_path: Path) -> Path:
+    src = _need(corpus.umoci_layout)
+    dst = tmp_path / "layout"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _manifest_path(layout: Path, tag: str) -> Path:
+    idx = json.loads((layout / "index.json").read_text())
+    d = next(
+        m for m in idx["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag
+    )
+    return layout / "blobs" / "sha256" / d["digest"][7:]
+
+
+def _assert_untouched(store: Store) -> None:
+    assert store.layers() == [] and store.images() == []
+    store.gc()
+    assert store.stats()["objects"] == 0
+
+
+def test_hostile_blob_digest_lies(store: Store, tmp_path: Path) -> None:
+    layout = _copy_layout(tmp_path)
+    m = json.loads(_manifest_path(layout, "v2").read_text())
+    victim = layout / "blobs" / "sha256" / m["layers"][1]["digest"][7:]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(data))
+    with pytest.raises(InvalidInputError):
+        store.import_oci(str(layout), ref="v2")
+    _assert_untouched(store)
+
+
+def test_hostile_manifest_pointing_outside(store: Store, tmp_path: Path) -> None:
+    layout = _copy_layout(tmp_path)
+    idx = json.loads((layout / "index.json").read_text())
+    idx["manifests"][0]["digest"] = "sha256:../../../etc/passwd"
+    (layout / "index.json").write_text(json.dumps(idx))
+    ref = idx["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+    with pytest.raises(InvalidInputError, match="not a sha256 digest"):
+        store.import_oci(str(layout), ref=ref)
+    _assert_untouched(store)
+
+
+def _rewrite_manifest(layout: Path, tag: str, edit) -> None:  # type: ignore[no-untyped-def]
+    """Edit the tag's manifest (or config) and re-link digests so only the edit is wrong."""
+    import hashlib
+
+    idx_path = layout / "index.json"
+    idx = json.loads(idx_path.read_text())
+    desc = next(
+        m for m in idx["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag
+    )
+    manifest = json.loads((layout / "blobs" / "sha256" / desc["digest"][7:]).read_text())
+    edit(layout, manifest)
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    desc["digest"] = "sha256:" + digest
+    desc["size"] = len(data)
+    idx_path.write_text(json.dumps(idx))
+
+
+def test_hostile_config_diff_ids_do_not_match(store: Store, tmp_path: Path) -> None:
+    import hashlib
+
+    layout = _copy_layout(tmp_path)
+
+    def edit(layout: Path, manifest: dict) -> None:
+        cpath = layout / "blobs" / "sha256" / manifest["config"]["digest"][7:]
+        cfg = json.loads(cpath.read_text())
+        cfg["rootfs"]["diff_ids"][1] = "sha256:" + "ab" * 32
+        data = json.dumps(cfg).encode()
+        d = hashlib.sha256(data).hexdigest()
+        (layout / "blobs" / "sha256" / d).write_bytes(data)
+        manifest["config"]["digest"] = "sha256:" + d
+        manifest["config"]["size"] = len(data)
+
+    _rewrite_manifest(layout, "v2", edit)
+    with pytest.raises(InvalidInputError, match="layer 1 .*DiffID"):
+        store.import_oci(str(layout), ref="v2")
+    _assert_untouched(store)
+
+
+def test_hostile_missing_blob_and_unknown_media_type(store: Store, tmp_path: Path) -> None:
+    layout = _copy_layout(tmp_path)
+
+    def missing(layout: Path, manifest: dict) -> None:
+        manifest["layers"][1]["digest"] = "sha256:" + "cd" * 32
+
+    _rewrite_manifest(layout, "v2", missing)
+    with pytest.raises(InvalidInputError, match="missing"):
+        store.import_oci(str(layout), ref="v2")
+    _assert_untouched(store)
+
+    layout2 = _copy_layout(tmp_path / "b")
+
+    def odd_type(layout: Path, manifest: dict) -> None:
+        manifest["layers"][0]["mediaType"] = "application/x-nobody-supports-this"
+
+    _rewrite_manifest(layout2, "v2", odd_type)
+    with pytest.raises(InvalidInputError, match="not supported"):
+        store.import_oci(str(layout2), ref="v2")
+    _assert_untouched(store)
+
+
+def test_unknown_tag_and_not_a_layout(store: Store, tmp_path: Path) -> None:
+    layout = _need(corpus.umoci_layout)
+    with pytest.raises(NotFoundError, match="nope"):
+        store.import_oci(str(layout), ref="nope")
+    with pytest.raises(InvalidInputError, match="not an OCI image layout"):
+        store.import_oci(str(tmp_path))
