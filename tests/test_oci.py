@@ -187,3 +187,151 @@ def test_unknown_tag_and_not_a_layout(store: Store, tmp_path: Path) -> None:
         store.import_oci(str(layout), ref="nope")
     with pytest.raises(InvalidInputError, match="not an OCI image layout"):
         store.import_oci(str(tmp_path))
+
+
+def _umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:
+    import subprocess
+
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
+    return bundle / "rootfs"
+
+
+def test_flattened_v2_equals_umoci_unpack(store: Store, tmp_path: Path) -> None:
+    """The flattened root filesystem (whiteouts and opaque dirs resolved) equals what umoci --
+    a real, independent implementation -- unpacks for the same image."""
+    from treecmp import diff_trees
+
+    layout = _need(corpus.umoci_layout)
+    store.import_oci(str(layout), ref="v2")
+    out = tmp_path / "flat"
+    r = store.materialize_image("v2", str(out))
+    assert r.files > 5000
+    expected = _umoci_unpack(layout, "v2", tmp_path / "bundle")
+    # umoci creates directories that the layers never list with the time of unpacking: not
+    # comparable; everything listed in a layer is compared, times included.
+    listed = {e.path for li in store.layers() for e in store.entries(li.diff_id)}
+    implicit = (
+        frozenset(
+            str(p.relative_to(out))
+            for p in [out, *out.rglob("*")]
+            if p.is_dir() and not p.is_symlink()
+        )
+        - listed
+    )
+    assert diff_trees(str(expected), str(out), implicit=implicit) == []
+    # the deletions of v2 really are gone
+    assert not (out / "usr" / "share" / "doc" / "apt").exists()
+
+
+def test_diff_dirs_for_overlay(store: Store, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    layout = _need(corpus.umoci_layout)
+    store.import_oci(str(layout), ref="v2")
+    out = tmp_path / "diffs"
+    dirs = store.materialize_image("v2", str(out), diff_dirs=True)
+    assert len(dirs) == 2 and sorted(os.listdir(out)) == ["0", "1"]
+    upper = out / "1"
+    wh = upper / "usr" / "share" / "doc" / "apt"
+    st = os.lstat(wh)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+    assert not any(n.startswith(".wh.") for _, _, fs in os.walk(upper) for n in fs)
+
+
+def _tar(entries: list[tuple[str, bytes | None]]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_700_000_000
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                ti.mode = 0o755
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _layout(root: Path, layers: list[bytes]) -> Path:
+    """A minimal OCI layout (uncompressed layers), written by hand for synthetic cases."""
+    import hashlib
+
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict:
+        d = hashlib.sha256(data).hexdigest()
+        (blobs / d).write_bytes(data)
+        return {"digest": "sha256:" + d, "size": len(data)}
+
+    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in layers]
+    cfg = put(json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
+    mf = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(t)} for t in layers
+        ],
+    }
+    m = put(json.dumps(mf).encode())
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        **m,
+                        "annotations": {"org.opencontainers.image.ref.name": "t"},
+                    }
+                ],
+            }
+        )
+    )
+    return root
+
+
+def test_flatten_opaque_dirs_and_type_changes(store: Store, tmp_path: Path) -> None:
+    low = _tar(
+        [
+            ("d", None),
+            ("d/a", b"lower a"),
+            ("d/sub", None),
+            ("d/sub/x", b"x"),
+            ("f", b"a file that becomes a directory"),
+            ("g", None),
+            ("g/inner", b"a directory that becomes a file"),
+            ("keep", b"kept"),
+            ("gone", b"whited out"),
+        ]
+    )
+    up = _tar(
+        [
+            ("d", None),
+            ("d/.wh..wh..opq", b""),
+            ("d/c", b"upper c"),
+            ("f", None),
+            ("f/now-a-dir", b"inside"),
+            ("g", b"now a file"),
+            (".wh.gone", b""),
+        ]
+    )
+    store.import_oci(str(_layout(tmp_path / "lay", [low, up])), ref="t")
+    out = tmp_path / "flat"
+    store.materialize_image("t", str(out))
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert names == ["d", "d/c", "f", "f/now-a-dir", "g", "keep"]
+    assert (out / "g").read_bytes() == b"now a file"
+    assert (out / "keep").read_bytes() == b"kept"

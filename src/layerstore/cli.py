@@ -157,10 +157,18 @@ def show(c: Ctx, layer: str, entries: bool) -> None:
     help="reflink: new inodes sharing data (falls back to copying); hardlink: shared inodes.",
 )
 @click.option("--no-sync", is_flag=True, help="Skip the syncfs before publishing the tree.")
+@click.option(
+    "--diff-dirs", is_flag=True, help="IMAGE: one overlayfs lower dir per layer, not flattened."
+)
 @click.pass_obj
-def materialize(c: Ctx, layer: str, dest: str, mode: str, no_sync: bool) -> None:
-    """Build LAYER as a new directory DEST."""
+def materialize(c: Ctx, layer: str, dest: str, mode: str, no_sync: bool, diff_dirs: bool) -> None:
+    """Build LAYER (or IMAGE, flattened) as a new directory DEST."""
     with c.open() as st:
+        if layer in {im["name"] for im in st.images()}:
+            rr = st.materialize_image(layer, dest, mode=mode, sync=not no_sync, diff_dirs=diff_dirs)
+            out = [x.to_json() for x in rr] if isinstance(rr, list) else rr.to_json()
+            c.out(out, lambda: click.echo(f"{dest}: image {layer} materialized"))
+            return
         info = st.layer(layer)
         with c.progress(info.files, "files", "materialize") as upd:
             r = st.materialize(info.diff_id, dest, mode=mode, progress=upd, sync=not no_sync)

@@ -23,6 +23,7 @@ import collections
 import errno
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ class _Builder:
         self.dirfds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.progress: Callable[[int], None] | None = None
         self.ordered = False  # the layer has replacing entries: clear a path before creating
+        self.opaque: list[str] = []  # overlay mode: directories to mark opaque at the end
 
     # helpers ---------------------------------------------------------------------------------
     def skip(self, what: str) -> None:
@@ -167,11 +169,65 @@ class _Builder:
         os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
     def _clear(self, pfd: int, name: str) -> None:
-        """A later entry replaces an earlier non-directory of the same name (tar semantics)."""
+        """A later entry replaces an earlier one of the same name (tar semantics; across
+        layers a directory may be replaced too).  Never follows symlinks."""
         try:
             os.unlink(name, dir_fd=pfd)
         except FileNotFoundError:
             pass
+        except IsADirectoryError:
+            shutil.rmtree(name, dir_fd=pfd)
+
+    def apply_whiteouts(self, manifest: str) -> None:
+        """Flattening: remove what this layer's whiteouts hide in the layers below."""
+        with open(manifest, "rb") as mf:
+            for e in read_manifest(mf):
+                if e.kind != REG or not _is_whiteout(e):
+                    continue
+                par, _, name = e.path.rpartition("/")
+                par = par or "."
+                try:
+                    pfd = open_beneath(self.root_fd, par, os.O_RDONLY | os.O_DIRECTORY)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # nothing below to hide
+                try:
+                    if name == OPAQUE:
+                        for child in os.listdir(pfd):
+                            self._clear(pfd, child)
+                    else:
+                        self._clear(pfd, name[len(WHITEOUT) :])
+                finally:
+                    os.close(pfd)
+                self.dirfds_invalidate()
+
+    def dirfds_invalidate(self) -> None:
+        """Cached directory descriptors may name removed directories now."""
+        self.close()
+
+    def make_overlay_whiteout(self, e: Entry) -> None:
+        """overlay lower-dir form: a 0/0 char device, or the opaque xattr on the directory."""
+        par, _, name = e.path.rpartition("/")
+        par = par or "."
+        if name == OPAQUE:
+            self.opaque.append(par)  # set after directory metadata (chown drops xattrs)
+            return
+        pfd = self.dir_fd(par)
+        try:
+            os.mknod(name[len(WHITEOUT) :], 0o020000 | 0o600, os.makedev(0, 0), dir_fd=pfd)
+        except PermissionError:
+            self.skip("whiteout-device")
+            return
+        self._meta_nofollow(pfd, name[len(WHITEOUT) :], e)
+
+    def apply_opaque_marks(self) -> None:
+        for par in self.opaque:
+            fd = open_beneath(self.root_fd, par, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.setxattr(fd, "trusted.overlay.opaque", b"y")
+            except PermissionError:
+                self.skip("opaque-xattr")
+            finally:
+                os.close(fd)
 
     # entry kinds -----------------------------------------------------------------------------
     def make_files(self, batch: list[Entry]) -> None:
@@ -295,10 +351,13 @@ class _Builder:
         if e.path == ".":
             return
         pfd = self.dir_fd(parent(e.path))
+        name = os.path.basename(e.path)
         try:
-            os.mkdir(os.path.basename(e.path), 0o700, dir_fd=pfd)
+            os.mkdir(name, 0o700, dir_fd=pfd)
         except FileExistsError:
-            pass
+            if self.ordered and not stat.S_ISDIR(os.lstat(name, dir_fd=pfd).st_mode):
+                os.unlink(name, dir_fd=pfd)  # a directory replaces a file of a lower layer
+                os.mkdir(name, 0o700, dir_fd=pfd)
         self.result.dirs += 1
 
     def make_hardlink(self, e: Entry) -> None:
@@ -341,6 +400,126 @@ def _current_umask() -> int:
     return 0o777  # unknown: assume the worst, so every file gets an explicit fchmod
 
 
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+def _prepare(store: Store, dest: str, mode: str) -> tuple[str, str]:
+    if mode not in MODES:
+        raise InvalidInputError(f"materialize mode must be one of {', '.join(MODES)}")
+    dest = os.path.abspath(dest)
+    dparent = os.path.dirname(dest)
+    if os.path.lexists(dest):
+        raise DestinationError(f"{dest} exists; materialize creates a new directory")
+    if not os.path.isdir(dparent):
+        raise DestinationError(f"parent directory {dparent} does not exist")
+    stage = os.path.join(
+        dparent, f".{os.path.basename(dest)}.layerstore-{store.lease.id.hex()[:12]}-{os.getpid()}"
+    )
+    os.mkdir(stage, 0o700)
+    return dest, stage
+
+
+def _is_whiteout(e: Entry) -> bool:
+    return e.path.rpartition("/")[2].startswith(WHITEOUT)
+
+
+def _apply_layer(
+    b: _Builder,
+    manifest: str,
+    mode: str,
+    nworkers: int,
+    progress: Callable[[int], None] | None,
+    whiteouts: str,
+) -> Entry | None:
+    """Create one layer's entries in the tree; returns its root ("." ) entry, if any.
+
+    ``whiteouts``: "keep" (as the regular files they are in the tar), "skip" (flattening:
+    they were applied before this pass), or "overlay" (as overlayfs expects in a lower dir: a
+    0/0 character device for ``.wh.NAME``, ``trusted.overlay.opaque=y`` for the opaque marker).
+    """
+    result = b.result
+    links: list[Entry] = []
+    root_entry: Entry | None = None
+    inflight: collections.deque[Future[None]] = collections.deque()
+    batch: list[Entry] = []
+    ordered = b.ordered
+
+    def flush() -> None:
+        # Files go to the workers in batches: one future per ~64 files keeps the
+        # scheduling overhead well below the cost of the syscalls themselves.
+        inflight.append(pool.submit(b.make_files, list(batch)))
+        batch.clear()
+        while len(inflight) > _MAX_INFLIGHT // _BATCH:
+            inflight.popleft().result()
+
+    with ThreadPoolExecutor(max_workers=nworkers) as pool, open(manifest, "rb") as mf:
+        for e in read_manifest(mf):
+            result.entries += 1
+            if e.kind == REG:
+                if whiteouts != "keep" and _is_whiteout(e):
+                    if whiteouts == "overlay":
+                        b.make_overlay_whiteout(e)
+                    continue
+                result.files += 1
+                b.dir_fd(parent(e.path))  # make sure the parent exists before the worker
+                if mode == "hardlink":
+                    b.make_hardlinked_object(e)
+                    if progress:
+                        progress(1)
+                elif ordered:
+                    # a later entry may replace this path: keep tar order, one thread
+                    b.cloner.count(b.make_file(e, b.dir_fd(parent(e.path))))
+                    if progress:
+                        progress(1)
+                else:
+                    batch.append(e)
+                    if len(batch) >= _BATCH:
+                        flush()
+            elif e.kind == DIR:
+                if e.path == ".":
+                    root_entry = e
+                b.make_dir(e)
+            elif e.kind == HARDLINK:
+                links.append(e)  # made after every file exists; O(hardlinks) memory
+            elif e.kind in (SYMLINK, CHAR, BLOCK, FIFO):
+                b.make_special(e)
+        if batch:
+            flush()
+        while inflight:
+            inflight.popleft().result()
+    for e in links:
+        b.make_hardlink(e)
+    return root_entry
+
+
+def _dir_metadata(b: _Builder, manifest: str, missing_ok: bool) -> None:
+    b.close()  # directory metadata: open fresh descriptors, the cache is done
+    with open(manifest, "rb") as mf:
+        for e in read_manifest(mf):
+            if e.kind == DIR and e.path != ".":
+                try:
+                    b.dir_meta(e)
+                except (FileNotFoundError, NotADirectoryError):
+                    if not missing_ok:  # flattening: an upper layer removed or replaced it
+                        raise
+
+
+def _publish(
+    b: _Builder, root_fd: int, root_entry: Entry | None, stage: str, dest: str, sync: bool
+) -> None:
+    if root_entry is not None:
+        b._meta_fd(root_fd, root_entry)
+    else:
+        os.fchmod(root_fd, 0o755)
+    if sync:
+        syncfs(root_fd)
+    try:
+        rename_noreplace(stage, dest)
+    except FileExistsError:
+        raise DestinationError(f"{dest} appeared while materializing; left it alone") from None
+
+
 def materialize(
     store: Store,
     manifest_b3: bytes,
@@ -352,25 +531,16 @@ def materialize(
     sync: bool = True,
     total_files: int = 0,
     ordered: bool = False,
+    overlay: bool = False,
 ) -> MaterializeResult:
     """See the module docstring.  The caller has pinned the layer.
 
     ``ordered``: the layer has entries that replace earlier ones (recorded at import); files are
     then created in tar order on one thread, so the last entry for a path wins as with tar -x.
+    ``overlay``: write whiteouts the way overlayfs reads them in a lower directory.
     """
-    if mode not in MODES:
-        raise InvalidInputError(f"materialize mode must be one of {', '.join(MODES)}")
     t0 = time.monotonic()
-    dest = os.path.abspath(dest)
-    dparent = os.path.dirname(dest)
-    if os.path.lexists(dest):
-        raise DestinationError(f"{dest} exists; materialize creates a new directory")
-    if not os.path.isdir(dparent):
-        raise DestinationError(f"parent directory {dparent} does not exist")
-    stage = os.path.join(
-        dparent, f".{os.path.basename(dest)}.layerstore-{store.lease.id.hex()[:12]}-{os.getpid()}"
-    )
-    os.mkdir(stage, 0o700)
+    dest, stage = _prepare(store, dest, mode)
     result = MaterializeResult(dest=dest)
     root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     b = _Builder(store, root_fd, mode, result)
@@ -379,68 +549,61 @@ def materialize(
     nworkers = workers or min(4, (os.cpu_count() or 1) + 1)
     try:
         manifest = store.object_path(manifest_b3)
-        links: list[Entry] = []
-        root_entry: Entry | None = None
-        inflight: collections.deque[Future[None]] = collections.deque()
-        batch: list[Entry] = []
+        root_entry = _apply_layer(
+            b, manifest, mode, nworkers, progress, "overlay" if overlay else "keep"
+        )
+        _dir_metadata(b, manifest, missing_ok=False)
+        b.apply_opaque_marks()
+        _publish(b, root_fd, root_entry, stage, dest, sync)
+    except BaseException:
+        b.close()
+        os.close(root_fd)
+        root_fd = -1
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        if root_fd >= 0:
+            os.close(root_fd)
+    result.methods = dict(b.cloner.counts)
+    result.seconds = time.monotonic() - t0
+    return result
 
-        def flush() -> None:
-            # Files go to the workers in batches: one future per ~64 files keeps the
-            # scheduling overhead well below the cost of the syscalls themselves.
-            inflight.append(pool.submit(b.make_files, list(batch)))
-            batch.clear()
-            while len(inflight) > _MAX_INFLIGHT // _BATCH:
-                inflight.popleft().result()
 
-        with ThreadPoolExecutor(max_workers=nworkers) as pool, open(manifest, "rb") as mf:
-            for e in read_manifest(mf):
-                result.entries += 1
-                if e.kind == REG:
-                    result.files += 1
-                    b.dir_fd(parent(e.path))  # make sure the parent exists before the worker
-                    if mode == "hardlink":
-                        b.make_hardlinked_object(e)
-                        if progress:
-                            progress(1)
-                    elif ordered:
-                        # a later entry may replace this path: keep tar order, one thread
-                        b.cloner.count(b.make_file(e, b.dir_fd(parent(e.path))))
-                        if progress:
-                            progress(1)
-                    else:
-                        batch.append(e)
-                        if len(batch) >= _BATCH:
-                            flush()
-                elif e.kind == DIR:
-                    if e.path == ".":
-                        root_entry = e
-                    b.make_dir(e)
-                elif e.kind == HARDLINK:
-                    links.append(e)  # made after every file exists; O(hardlinks) memory
-                elif e.kind in (SYMLINK, CHAR, BLOCK, FIFO):
-                    b.make_special(e)
-            if batch:
-                flush()
-            while inflight:
-                inflight.popleft().result()
-        for e in links:
-            b.make_hardlink(e)
-        links.clear()
-        b.close()  # directory metadata: open fresh descriptors, the cache is done
-        with open(manifest, "rb") as mf:
-            for e in read_manifest(mf):
-                if e.kind == DIR and e.path != ".":
-                    b.dir_meta(e)
-        if root_entry is not None:
-            b._meta_fd(root_fd, root_entry)
-        else:
-            os.fchmod(root_fd, 0o755)
-        if sync:
-            syncfs(root_fd)
-        try:
-            rename_noreplace(stage, dest)
-        except FileExistsError:
-            raise DestinationError(f"{dest} appeared while materializing; left it alone") from None
+def materialize_flat(
+    store: Store,
+    manifests: list[bytes],
+    dest: str,
+    *,
+    mode: str = "reflink",
+    progress: Callable[[int], None] | None = None,
+    sync: bool = True,
+) -> MaterializeResult:
+    """Materialize an image's layers, in order, as one flattened root filesystem.
+
+    For each layer: its whiteouts are applied first (``.wh.NAME`` removes NAME from the lower
+    layers; ``.wh..wh..opq`` empties its directory of what the lower layers put there), then
+    its entries are created in tar order (a later entry replaces an earlier one, a directory
+    replaces a non-directory and vice versa), then its hardlinks.  Directory metadata is
+    applied last, lowest layer first, so the top-most definition of a directory wins.  The
+    caller has pinned the layers.
+    """
+    t0 = time.monotonic()
+    dest, stage = _prepare(store, dest, mode)
+    result = MaterializeResult(dest=dest)
+    root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    b = _Builder(store, root_fd, mode, result)
+    b.progress = progress
+    b.ordered = True  # paths are replaced across layers: strict order, one thread
+    root_entry: Entry | None = None
+    try:
+        paths = [store.object_path(m) for m in manifests]
+        for manifest in paths:
+            b.apply_whiteouts(manifest)
+            top = _apply_layer(b, manifest, mode, 1, progress, "skip")
+            root_entry = top or root_entry
+        for manifest in paths:
+            _dir_metadata(b, manifest, missing_ok=True)
+        _publish(b, root_fd, root_entry, stage, dest, sync)
     except BaseException:
         b.close()
         os.close(root_fd)

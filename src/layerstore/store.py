@@ -35,6 +35,7 @@ from .errors import (
     AmbiguousError,
     ConcurrencyError,
     CorruptObjectError,
+    DestinationError,
     FormatVersionError,
     InUseError,
     InvalidInputError,
@@ -441,6 +442,61 @@ class Store:
             )
         finally:
             self._unpin_layer(diff_id)
+
+    def materialize_image(
+        self,
+        name: str,
+        dest: str,
+        *,
+        mode: str = "reflink",
+        progress: Callable[[int], None] | None = None,
+        sync: bool = True,
+        diff_dirs: bool = False,
+    ) -> Any:
+        """Build image ``name`` as one flattened root filesystem at ``dest`` (whiteouts and
+        opaque directories resolved) -- or, with ``diff_dirs``, one overlayfs-ready lower
+        directory per layer under ``dest/`` (``0``, ``1``, ... bottom first)."""
+        from .materialize import materialize, materialize_flat
+
+        im = self.image(name)
+        diff_ids = [bytes.fromhex(h) for h in im["layers"]]
+        manifests: list[bytes] = []
+        pinned: list[bytes] = []
+        try:
+            with self.index.write() as txn:
+                for d in diff_ids:
+                    rec = self.index.get_layer(txn, d)
+                    if rec is None or rec.get("state") != "live" or rec.get("damaged"):
+                        raise CorruptObjectError(
+                            f"image {name!r}: layer sha256:{d.hex()} is missing or damaged; "
+                            "run `layerstore fsck`"
+                        )
+                    leases.pin_layer(self.index, txn, self.lease.id, d)
+                    pinned.append(d)
+                    manifests.append(parse_hex(rec["manifest"]))
+            if not diff_dirs:
+                return materialize_flat(
+                    self, manifests, dest, mode=mode, progress=progress, sync=sync
+                )
+            if os.path.lexists(dest):
+                raise DestinationError(f"{dest} exists; materialize creates a new directory")
+            os.mkdir(dest, 0o755)
+            return [
+                materialize(
+                    self,
+                    m,
+                    os.path.join(dest, str(i)),
+                    mode=mode,
+                    progress=progress,
+                    sync=sync,
+                    ordered=True,
+                    overlay=True,
+                )
+                for i, m in enumerate(manifests)
+            ]
+        finally:
+            for d in pinned:
+                self._unpin_layer(d)
 
     def _unpin_layer(self, diff_id: bytes) -> None:
         idx = self.index
