@@ -232,6 +232,20 @@ def import_oci(
     c.out(r.to_json(), human)
 
 
+@cli.command("export-oci")
+@click.argument("image")
+@click.argument("layout")
+@click.option(
+    "--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True
+)
+@click.pass_obj
+def export_oci(c: Ctx, image: str, layout: str, compression: str) -> None:
+    """Write IMAGE as a new OCI image layout directory LAYOUT (tag = IMAGE)."""
+    with c.open() as st:
+        r = st.export_oci(image, layout, compression)
+    c.out(r, lambda: click.echo(f"{layout}: {image} ({len(r['layers'])} layers, {compression})"))
+
+
 @cli.command("images")
 @click.pass_obj
 def images(c: Ctx) -> None:

@@ -233,3 +233,97 @@ def import_layout(
 
 
 __all__ = ["ImageResult", "host_platform", "import_layout"]
+
+
+_LAYER_MT: Final = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "none": "application/vnd.oci.image.layer.v1.tar",
+}
+
+
+def export_layout(store: Store, name: str, path: str, compression: str = "gzip") -> dict[str, Any]:
+    """Write image ``name`` as an OCI image layout at ``path`` (created; tag = the name).
+
+    Layers are rebuilt byte for byte from their tar-splits (so the config's diff_ids hold) and
+    compressed deterministically (gzip without a timestamp, or zstd level 3): exporting the
+    same image twice gives the same blobs.  The config is the original document.
+    """
+    import base64
+    import gzip
+    import shutil
+    import tempfile
+
+    import zstandard
+
+    if compression not in _LAYER_MT:
+        raise InvalidInputError(f"compression must be one of {', '.join(_LAYER_MT)}")
+    im = store.image(name)
+    if os.path.lexists(path):
+        raise InvalidInputError(f"{path} exists; export writes a new layout directory")
+    parent_dir = os.path.dirname(os.path.abspath(path)) or "."
+    stage = tempfile.mkdtemp(prefix=".layerstore-export-", dir=parent_dir)
+    try:
+        blobs = os.path.join(stage, "blobs", "sha256")
+        os.makedirs(blobs)
+
+        def put_file(tmp: str) -> dict[str, Any]:
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            size = os.path.getsize(tmp)
+            os.rename(tmp, os.path.join(blobs, h.hexdigest()))
+            return {"digest": "sha256:" + h.hexdigest(), "size": size}
+
+        def put_bytes(data: bytes) -> dict[str, Any]:
+            d = hashlib.sha256(data).hexdigest()
+            with open(os.path.join(blobs, d), "wb") as f:
+                f.write(data)
+            return {"digest": "sha256:" + d, "size": len(data)}
+
+        layers = []
+        for h in im["layers"]:
+            tmp = os.path.join(stage, "layer.tmp")
+            with open(tmp, "wb") as raw:
+                if compression == "gzip":
+                    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as z:
+                        store.export_layer(h, z)  # type: ignore[arg-type]
+                elif compression == "zstd":
+                    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+                    with cctx.stream_writer(raw, closefd=False) as z:
+                        store.export_layer(h, z)  # type: ignore[arg-type]
+                else:
+                    store.export_layer(h, raw)
+            layers.append({"mediaType": _LAYER_MT[compression], **put_file(tmp)})
+        config = base64.b64decode(im["config_json"])
+        cdesc = put_bytes(config)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cdesc},
+            "layers": layers,
+        }
+        mdesc = put_bytes(json.dumps(manifest, indent=None, separators=(",", ":")).encode())
+        with open(os.path.join(stage, "oci-layout"), "w") as f:
+            json.dump({"imageLayoutVersion": "1.0.0"}, f)
+        with open(os.path.join(stage, "index.json"), "w") as f:
+            json.dump(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": [
+                        {
+                            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                            **mdesc,
+                            "annotations": {"org.opencontainers.image.ref.name": name},
+                        }
+                    ],
+                },
+                f,
+            )
+        os.rename(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return {"image": name, "layout": path, "manifest": mdesc["digest"], "layers": layers}

@@ -595,6 +595,12 @@ class Store:
 
         return import_layout(self, layout, ref=ref, name=name, plat=platform)
 
+    def export_oci(self, name: str, path: str, compression: str = "gzip") -> Any:
+        """Write image ``name`` as an OCI image layout (see ``layerstore.oci``)."""
+        from .oci import export_layout
+
+        return export_layout(self, name, path, compression)
+
     def _mark_standalone(self, diff_id: bytes) -> None:
         with self.index.write() as txn:
             rec = self.index.get_layer(txn, diff_id)
