@@ -372,3 +372,27 @@ def test_exported_layout_accepted_by_skopeo(store: Store, tmp_path: Path, comp: 
         store.export_oci("v2", str(out2), comp)["manifest"]
         == json.loads((out / "index.json").read_text())["manifests"][0]["digest"]
     )
+
+
+def test_docker_save_archive_written_by_skopeo(store: Store, tmp_path: Path) -> None:
+    import subprocess
+
+    layout = _need(corpus.umoci_layout)
+    archive = tmp_path / "saved.tar"
+    r = subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            f"oci:{layout}:v2",
+            f"docker-archive:{archive}:example.org/minbase:v2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    oci = store.import_oci(str(layout), ref="v2")
+    res = store.import_oci(str(archive))
+    assert res.name == "example.org/minbase:v2"
+    assert res.layers == oci.layers and res.new_layers == 0  # same layers, stored once
+    assert {im["name"] for im in store.images()} == {"v2", "example.org/minbase:v2"}

@@ -327,3 +327,84 @@ def export_layout(store: Store, name: str, path: str, compression: str = "gzip")
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return {"image": name, "layout": path, "manifest": mdesc["digest"], "layers": layers}
+
+
+def import_docker_archive(store: Store, path: str, name: str | None = None) -> ImageResult:
+    """Import the (first) image of a ``docker save`` archive.
+
+    The archive is a tar holding ``manifest.json`` (``Config``, ``RepoTags``, ``Layers``), the
+    config JSON and one tar per layer.  Member names come from the archive: they are only ever
+    looked up among its members, never used as paths.  Layers are verified against the
+    config's diff_ids, exactly as for OCI layouts.
+    """
+    import tarfile
+
+    t0 = time.monotonic()
+    try:
+        tf = tarfile.open(path, "r:")
+    except (OSError, tarfile.TarError) as exc:
+        raise InvalidInputError(f"{path} is not a docker-save archive: {exc}") from None
+    with tf:
+        members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isreg()}
+
+        def read_small(member_name: str) -> bytes:
+            m = members.get(member_name)
+            if m is None:
+                raise InvalidInputError(f"{path}: the archive has no {member_name!r}")
+            if m.size > MAX_JSON:
+                raise InvalidInputError(f"{path}: {member_name} is implausibly large")
+            f = tf.extractfile(m)
+            assert f is not None
+            return f.read()
+
+        try:
+            manifest = json.loads(read_small("manifest.json"))
+            entry = manifest[0]
+            cfg_bytes = read_small(entry["Config"])
+            config = json.loads(cfg_bytes)
+            layer_names = list(entry["Layers"])
+            diff_ids = list(config["rootfs"]["diff_ids"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise InvalidInputError(f"{path}: malformed docker-save manifest: {exc}") from None
+        if len(diff_ids) != len(layer_names):
+            raise InvalidInputError(f"{path}: {len(layer_names)} layers, {len(diff_ids)} diff_ids")
+        tags = entry.get("RepoTags") or []
+        name = name or (tags[0] if tags else "sha256:" + hashlib.sha256(cfg_bytes).hexdigest())
+        result = ImageResult(
+            name=name,
+            manifest="",
+            config="sha256:" + hashlib.sha256(cfg_bytes).hexdigest(),
+            layers=[],
+        )
+        created: list[str] = []
+        try:
+            for i, (lname, want) in enumerate(zip(layer_names, diff_ids, strict=True)):
+                m = members.get(lname)
+                if m is None:
+                    raise InvalidInputError(f"{path}: layer {i} ({lname!r}) is not in the archive")
+                f = tf.extractfile(m)
+                assert f is not None
+                r = store.import_tar(f, source=f"{path}:{lname}", image_owned=True)
+                if not r.already_present:
+                    created.append(r.diff_id)
+                if r.diff_id != want:
+                    raise InvalidInputError(
+                        f"layer {i} ({lname}) has DiffID {r.diff_id}, the config says {want}"
+                    )
+                result.layers.append(r.diff_id)
+            mbytes = json.dumps(entry, sort_keys=True).encode()
+            result.manifest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+            store._commit_image(
+                name, mbytes, cfg_bytes, result.layers, "application/x-docker-save-entry"
+            )
+        except BaseException:
+            for diff_id in created:
+                try:
+                    store._release_image_layer(diff_id, created_for_failed_import=True)
+                except LayerstoreError:
+                    pass
+            raise
+    result.new_layers = len(created)
+    result.reused_layers = len(result.layers) - len(created)
+    result.seconds = time.monotonic() - t0
+    return result

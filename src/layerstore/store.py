@@ -206,11 +206,12 @@ class Store:
         stream: BinaryIO,
         progress: Callable[[int], None] | None = None,
         source: str = "",
+        image_owned: bool = False,
     ) -> Any:
         """Import a layer from a tar stream (plain, gzip or zstd, detected by magic bytes)."""
         from .ingest import import_tar
 
-        return import_tar(self, stream, progress, source)
+        return import_tar(self, stream, progress, source, image_owned=image_owned)
 
     def import_path(
         self,
@@ -591,8 +592,10 @@ class Store:
         platform: str | None = None,
     ) -> Any:
         """Import an image from an OCI image layout (see ``layerstore.oci``)."""
-        from .oci import import_layout
+        from .oci import import_docker_archive, import_layout
 
+        if os.path.isfile(layout):  # a `docker save` archive
+            return import_docker_archive(self, layout, name=name)
         return import_layout(self, layout, ref=ref, name=name, plat=platform)
 
     def export_oci(self, name: str, path: str, compression: str = "gzip") -> Any:
