@@ -220,8 +220,18 @@ def import_oci(
     """Import an image from an OCI image layout directory (LAYOUT or LAYOUT:TAG)."""
     if ref is None and ":" in layout and not os.path.isdir(layout):
         layout, ref = layout.rsplit(":", 1)
+
+    def on_layer(i: int, n: int, info: dict[str, Any]) -> None:
+        if not (c.json or c.quiet):
+            state = f"new, {_human_bytes(info['new_bytes'])}" if info["new"] else "already stored"
+            click.echo(
+                f"  layer {i + 1}/{n} {info['digest'][:19]} -> {info['diff_id'][:19]} "
+                f"({state}, {info['seconds']:.2f}s)",
+                err=True,
+            )
+
     with c.open(create=True) as st:
-        r = st.import_oci(layout, ref=ref, name=name, platform=platform)
+        r = st.import_oci(layout, ref=ref, name=name, platform=platform, on_layer=on_layer)
 
     def human() -> None:
         click.echo(

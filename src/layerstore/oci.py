@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -163,8 +164,11 @@ def import_layout(
     ref: str | None = None,
     name: str | None = None,
     plat: str | None = None,
+    on_layer: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> ImageResult:
-    """Import the image ``ref`` (or the only image) of an OCI layout as image ``name``."""
+    """Import the image ``ref`` (or the only image) of an OCI layout as image ``name``.
+
+    ``on_layer(i, n, info)`` is called after each layer (the CLI's per-layer progress)."""
     t0 = time.monotonic()
     layout = _Layout(path)
     with open(os.path.join(layout.root, "index.json"), "rb") as f:
@@ -215,9 +219,16 @@ def import_layout(
                     f"layer {i} ({d['digest']}) has DiffID {r.diff_id}, but the config says {want}"
                 )
             result.layers.append(r.diff_id)
-            result.per_layer.append(
-                {"digest": d["digest"], "diff_id": r.diff_id, "new": not r.already_present}
-            )
+            info = {
+                "digest": d["digest"],
+                "diff_id": r.diff_id,
+                "new": not r.already_present,
+                "new_bytes": r.new_bytes,
+                "seconds": round(r.seconds, 3),
+            }
+            result.per_layer.append(info)
+            if on_layer is not None:
+                on_layer(i, len(layers), info)
         store._commit_image(name, mbytes, cbytes, result.layers, mdesc.get("mediaType", ""))
     except BaseException:
         for diff_id in created:  # nothing half-imported stays referenced

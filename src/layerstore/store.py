@@ -590,13 +590,15 @@ class Store:
         ref: str | None = None,
         name: str | None = None,
         platform: str | None = None,
+        on_layer: Callable[[int, int, dict[str, Any]], None] | None = None,
     ) -> Any:
-        """Import an image from an OCI image layout (see ``layerstore.oci``)."""
+        """Import an image from an OCI image layout or a ``docker save`` archive (see
+        ``layerstore.oci``); ``on_layer`` reports each layer as it is done."""
         from .oci import import_docker_archive, import_layout
 
         if os.path.isfile(layout):  # a `docker save` archive
             return import_docker_archive(self, layout, name=name)
-        return import_layout(self, layout, ref=ref, name=name, plat=platform)
+        return import_layout(self, layout, ref=ref, name=name, plat=platform, on_layer=on_layer)
 
     def export_oci(self, name: str, path: str, compression: str = "gzip") -> Any:
         """Write image ``name`` as an OCI image layout (see ``layerstore.oci``)."""
