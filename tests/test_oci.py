@@ -396,3 +396,44 @@ def test_docker_save_archive_written_by_skopeo(store: Store, tmp_path: Path) -> 
     assert res.name == "example.org/minbase:v2"
     assert res.layers == oci.layers and res.new_layers == 0  # same layers, stored once
     assert {im["name"] for im in store.images()} == {"v2", "example.org/minbase:v2"}
+
+
+@pytest.mark.parametrize("comp", ["gzip", "zstd"])
+def test_exported_layout_pulled_by_podman(store: Store, tmp_path: Path, comp: str) -> None:
+    """podman 4.3 pulls what we export (into a private --root), with our DiffIDs."""
+    import subprocess
+
+    if shutil.which("podman") is None:
+        if corpus.os.geteuid() == 0:
+            raise AssertionError("podman is not installed (./dev test installs it)")
+        pytest.skip("REAL-TOOL TEST SKIPPED: podman is not installed")
+    layout = _need(corpus.umoci_layout)
+    v2 = store.import_oci(str(layout), ref="v2")
+    out = tmp_path / "exported"
+    store.export_oci("v2", str(out), comp)
+    import tempfile
+
+    runroot = tempfile.mkdtemp(prefix="lsp-", dir="/tmp")  # podman: runroot ≤ 50 characters
+    podman = [
+        "podman",
+        "--root",
+        str(tmp_path / "proot"),
+        "--runroot",
+        runroot,
+        "--storage-driver",
+        "vfs",
+    ]
+    pulled = subprocess.run(
+        [*podman, "pull", f"oci:{out}:v2"], capture_output=True, text=True, timeout=600
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    image_id = pulled.stdout.strip().splitlines()[-1]
+    layers = subprocess.run(
+        [*podman, "image", "inspect", image_id, "--format", "{{json .RootFS.Layers}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(layers.stdout) == v2.layers
+    subprocess.run([*podman, "rmi", "-a", "-f"], capture_output=True, timeout=300)
+    shutil.rmtree(runroot, ignore_errors=True)
