@@ -437,3 +437,67 @@ def test_exported_layout_pulled_by_podman(store: Store, tmp_path: Path, comp: st
     assert json.loads(layers.stdout) == v2.layers
     subprocess.run([*podman, "rmi", "-a", "-f"], capture_output=True, timeout=300)
     shutil.rmtree(runroot, ignore_errors=True)
+
+
+def test_fsck_repairs_from_an_oci_layout(store: Store) -> None:
+    import os
+
+    layout = _need(corpus.umoci_layout)
+    v2 = store.import_oci(str(layout), ref="v2")
+    victims = [e for e in store.entries(v2.layers[1]) if e.digest is not None][:2]
+    for e in victims:
+        os.unlink(store.object_path(e.digest))
+    rep = store.fsck(repair=True, sources=[str(layout)])
+    assert rep.exit_code == 1, [p.message for p in rep.problems if not p.repaired]
+    assert store.fsck().problems == []
+    assert {im["name"] for im in store.images()} == {"v2"}  # the repair added no image
+
+
+def test_nested_index_and_platform_selection(store: Store, tmp_path: Path) -> None:
+    """An index of a manifest list: the platform decides which image is imported."""
+    import hashlib
+
+    root = tmp_path / "multi"
+    _layout(root / "amd", [_tar([("arch", b"amd64")])])
+    _layout(root / "arm", [_tar([("arch", b"arm64")])])
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    entries = []
+    for sub, arch in (("amd", "amd64"), ("arm", "arm64")):
+        for p in (root / sub / "blobs" / "sha256").iterdir():
+            shutil.copyfile(p, blobs / p.name)
+        desc = json.loads((root / sub / "index.json").read_text())["manifests"][0]
+        desc.pop("annotations")
+        entries.append({**desc, "platform": {"os": "linux", "architecture": arch}})
+    nested = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries,
+        }
+    ).encode()
+    d = hashlib.sha256(nested).hexdigest()
+    (blobs / d).write_bytes(nested)
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "digest": "sha256:" + d,
+                        "size": len(nested),
+                        "annotations": {"org.opencontainers.image.ref.name": "multi"},
+                    }
+                ],
+            }
+        )
+    )
+    for arch in ("amd64", "arm64"):
+        r = store.import_oci(str(root), ref="multi", name=arch, platform=f"linux/{arch}")
+        out = tmp_path / f"out-{arch}"
+        store.materialize_image(r.name, str(out))
+        assert (out / "arch").read_bytes() == arch.encode()
+    with pytest.raises(InvalidInputError, match="platform"):
+        store.import_oci(str(root), ref="multi", name="x", platform="linux/s390x")

@@ -7,8 +7,9 @@ whether ``--repair`` fixed it.  Repair never deletes the only copy of anything:
 * corrupt or misplaced files go to ``quarantine/`` (timestamped), never to unlink;
 * derived index data -- reference counts, sha256 aliases, compressed-digest aliases, layer
   backups -- is rebuilt from the manifests and object records;
-* missing or corrupt objects are re-fetched from ``sources`` (another store, or layer tarballs
-  that are re-imported; their content is verified by digest before it is used);
+* missing or corrupt objects are re-fetched from ``sources`` (another store, layer tarballs,
+  or OCI image layouts whose layer blobs are re-imported; content is verified by digest
+  before it is used);
 * layers whose content cannot be restored are marked *damaged* with the paths they lack, and
   materializing them fails with an error naming those paths.
 
@@ -702,8 +703,29 @@ class _Checker:
                 for b3 in want:
                     if self.idx.get_object(txn, b3) is not None:
                         got.add(b3)
+        elif os.path.isfile(os.path.join(src, "oci-layout")):
+            # An OCI image layout: re-import the layer blobs whose compressed digest names a
+            # layer of this store (never anything else), each verified on the way in.
+            blobs = os.path.join(src, "blobs", "sha256")
+            comp_db = self.idx.db[b"compressed"]
+            for name in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
+                try:
+                    digest = bytes.fromhex(name)
+                except ValueError:
+                    continue
+                with self.idx.read() as txn:
+                    if len(digest) != 32 or txn.get(digest, db=comp_db) is None:
+                        continue
+                try:
+                    st.import_path(os.path.join(blobs, name), shortcut=False, image_owned=True)
+                except LayerstoreError as exc:
+                    self.report.add("source-unusable", src, f"{src}/{name}: {exc}")
+            with self.idx.read() as txn:
+                got |= {b3 for b3 in want if self.idx.get_object(txn, b3) is not None}
         else:
-            self.report.add("source-unusable", src, f"{src} is neither a store nor a tarball")
+            self.report.add(
+                "source-unusable", src, f"{src} is neither a store, an OCI layout nor a tarball"
+            )
         return got
 
 
