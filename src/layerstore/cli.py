@@ -361,7 +361,7 @@ def gc(c: Ctx, dry_run: bool) -> None:
     "--source",
     "sources",
     multiple=True,
-    help="Where to re-fetch missing/corrupt objects: another store root or a layer tarball.",
+    help="Where to re-fetch missing/corrupt objects: a store root, a layer tarball, an OCI layout.",
 )
 @click.option("--rebuild-index", is_flag=True, help="Recreate a lost/unreadable index.")
 @click.pass_obj
