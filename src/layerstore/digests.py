@@ -59,24 +59,6 @@ def sha256_of(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def hash_file(path: str, bufsize: int = 1 << 20) -> DualHasher:
-    """Hash a file's content with both algorithms, streaming (bounded memory)."""
-    h = DualHasher()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(bufsize)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h
-
-
-def to_hex(raw: bytes) -> str:
-    return raw.hex()
-
-
 def parse_hex(text: str, algo: str = "") -> bytes:
     """Parse ``hex`` or ``algo:hex`` into 32 raw bytes, with an error a user can act on."""
     if ":" in text:
@@ -89,11 +71,6 @@ def parse_hex(text: str, algo: str = "") -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise InvalidInputError(f"not a hex digest: {text!r}") from None
-
-
-def oci(raw_sha256: bytes) -> str:
-    """Format a raw sha256 as an OCI digest string."""
-    return "sha256:" + raw_sha256.hex()
 
 
 class DigestSet:

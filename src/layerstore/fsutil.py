@@ -81,30 +81,10 @@ def rename_noreplace(src: str, dst: str) -> None:
         raise OSError(e, os.strerror(e), dst)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def try_ficlone(dst_fd: int, src_fd: int) -> bool:
     """Clone all of src into dst (O(1) in data size).  False if this fs pair cannot."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return True
-    except OSError as exc:
-        if exc.errno in _NO_CLONE:
-            return False
-        raise
-
-
-def try_clone_range(dst_fd: int, dst_off: int, src_fd: int, src_off: int, length: int) -> bool:
-    """FICLONERANGE; offsets must be block-aligned (see linux-fs.md).  False if refused."""
-    arg = struct.pack("=qQQQ", src_fd, src_off, length, dst_off)
-    try:
-        fcntl.ioctl(dst_fd, FICLONERANGE, arg)
         return True
     except OSError as exc:
         if exc.errno in _NO_CLONE:

@@ -128,8 +128,7 @@ class ObjectRecord:
 class Index:
     """Thin owner of the LMDB environment and its named databases for one process.
 
-    An LMDB environment must not cross ``fork()``; :meth:`check_pid` lets the store reopen it in
-    a child instead of corrupting the lock table.
+    An LMDB environment must not cross ``fork()``: a child process opens its own Store.
     """
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE):
