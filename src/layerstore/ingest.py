@@ -133,13 +133,17 @@ class _Importer:
         self.tar_bytes = 0
 
     # staging -----------------------------------------------------------------------------
-    def _staged_path(self, b3: bytes, sha: bytes) -> str:
+    def _fan_dir(self, b3: bytes) -> str:
+        """The staging fan-out directory of a digest (created on first use; main thread)."""
         fan = b3[:1].hex()
         d = os.path.join(self.obj_stage, fan)
         if fan not in self.fanout_made:
             os.makedirs(d, exist_ok=True)
             self.fanout_made.add(fan)
-        return os.path.join(d, b3.hex() + "." + sha.hex())
+        return d
+
+    def _staged_path(self, b3: bytes, sha: bytes) -> str:
+        return os.path.join(self._fan_dir(b3), b3.hex() + "." + sha.hex())
 
     def _known(self, b3: bytes) -> bool:
         """Is this content stored?  A hint only (the pin batch re-checks under the write
@@ -157,18 +161,22 @@ class _Importer:
             self.known_txn.abort()
             self.known_txn = None
 
-    def _write_staged(self, b3: bytes, sha: bytes, data: bytes) -> None:
-        """Queue a staged write; a writer thread does the syscalls while we parse on."""
-        path = self._staged_path(b3, sha)
-        self.inflight.append(self.writers.submit(self._write_file, path, data))
+    def _write_staged(self, b3: bytes, sha: bytes | None, data: bytes) -> None:
+        """Queue a staged write; a writer thread computes the sha256 (if not known yet) and
+        does the syscalls while the main thread parses on."""
+        d = self._fan_dir(b3)
+        self.inflight.append(self.writers.submit(self._write_file, d, b3, sha, data))
         self.inflight_bytes += len(data)
         while len(self.inflight) > _MAX_INFLIGHT or self.inflight_bytes > _MAX_INFLIGHT_BYTES:
             self.inflight_bytes -= self.inflight.popleft().result()
 
-    def _write_file(self, path: str, data: bytes) -> int:
+    def _write_file(self, fan_dir: str, b3: bytes, sha: bytes | None, data: bytes) -> int:
         # Created 0444 under its final staged name; O_EXCL makes a duplicate within this import
         # a no-op.  A crash mid-write leaves a partial file only in this lease's staging
         # directory, which is discarded whole.
+        if sha is None:
+            sha = sha256_of(data)  # hashlib releases the GIL: overlaps the parser
+        path = os.path.join(fan_dir, b3.hex() + "." + sha.hex())
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         except FileExistsError:
@@ -203,7 +211,7 @@ class _Importer:
             if len(self.pending) >= PIN_BATCH or self.pending_bytes >= PIN_BATCH_BYTES:
                 self._flush_pins()
         else:
-            self._write_staged(b3, sha256_of(data), data)
+            self._write_staged(b3, None, data)
         return b3
 
     def add_stream(self, f: BinaryIO, size: int) -> bytes:
@@ -262,7 +270,7 @@ class _Importer:
                         pass
         for b3, (sha, size, data) in lost.items():
             if data is not None:
-                self._write_staged(b3, sha or sha256_of(data), data)
+                self._write_staged(b3, sha or None, data)
             else:
                 self.staged_new += 1
                 self.staged_bytes += size
