@@ -20,13 +20,14 @@ object), and then the objects' own metadata is left untouched.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -520,6 +521,43 @@ def _publish(
         raise DestinationError(f"{dest} appeared while materializing; left it alone") from None
 
 
+@contextlib.contextmanager
+def _building(
+    store: Store,
+    dest: str,
+    mode: str,
+    progress: Callable[[int], None] | None,
+    ordered: bool,
+    sync: bool,
+) -> Iterator[tuple[_Builder, Callable[[Entry | None], None]]]:
+    """Staging tree + builder for one materialization; yields (builder, publish).
+
+    On any error the staging tree is removed and nothing appears at ``dest``; ``publish``
+    applies the root's metadata, syncs and renames the tree into place.
+    """
+    t0 = time.monotonic()
+    dest, stage = _prepare(store, dest, mode)
+    result = MaterializeResult(dest=dest)
+    root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    b = _Builder(store, root_fd, mode, result)
+    b.progress = progress
+    b.ordered = ordered
+
+    def publish(root_entry: Entry | None) -> None:
+        _publish(b, root_fd, root_entry, stage, dest, sync)
+
+    try:
+        yield b, publish
+    except BaseException:
+        b.close()
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        os.close(root_fd)
+    result.methods = dict(b.cloner.counts)
+    result.seconds = time.monotonic() - t0
+
+
 def materialize(
     store: Store,
     manifest_b3: bytes,
@@ -539,34 +577,16 @@ def materialize(
     then created in tar order on one thread, so the last entry for a path wins as with tar -x.
     ``overlay``: write whiteouts the way overlayfs reads them in a lower directory.
     """
-    t0 = time.monotonic()
-    dest, stage = _prepare(store, dest, mode)
-    result = MaterializeResult(dest=dest)
-    root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    b = _Builder(store, root_fd, mode, result)
-    b.progress = progress
-    b.ordered = ordered
     nworkers = workers or min(4, (os.cpu_count() or 1) + 1)
-    try:
+    with _building(store, dest, mode, progress, ordered, sync) as (b, publish):
         manifest = store.object_path(manifest_b3)
         root_entry = _apply_layer(
             b, manifest, mode, nworkers, progress, "overlay" if overlay else "keep"
         )
         _dir_metadata(b, manifest, missing_ok=False)
         b.apply_opaque_marks()
-        _publish(b, root_fd, root_entry, stage, dest, sync)
-    except BaseException:
-        b.close()
-        os.close(root_fd)
-        root_fd = -1
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    finally:
-        if root_fd >= 0:
-            os.close(root_fd)
-    result.methods = dict(b.cloner.counts)
-    result.seconds = time.monotonic() - t0
-    return result
+        publish(root_entry)
+    return b.result
 
 
 def materialize_flat(
@@ -587,32 +607,14 @@ def materialize_flat(
     applied last, lowest layer first, so the top-most definition of a directory wins.  The
     caller has pinned the layers.
     """
-    t0 = time.monotonic()
-    dest, stage = _prepare(store, dest, mode)
-    result = MaterializeResult(dest=dest)
-    root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    b = _Builder(store, root_fd, mode, result)
-    b.progress = progress
-    b.ordered = True  # paths are replaced across layers: strict order, one thread
-    root_entry: Entry | None = None
-    try:
+    # Paths are replaced across layers: strict order, one thread.
+    with _building(store, dest, mode, progress, True, sync) as (b, publish):
+        root_entry: Entry | None = None
         paths = [store.object_path(m) for m in manifests]
         for manifest in paths:
             b.apply_whiteouts(manifest)
-            top = _apply_layer(b, manifest, mode, 1, progress, "skip")
-            root_entry = top or root_entry
+            root_entry = _apply_layer(b, manifest, mode, 1, progress, "skip") or root_entry
         for manifest in paths:
             _dir_metadata(b, manifest, missing_ok=True)
-        _publish(b, root_fd, root_entry, stage, dest, sync)
-    except BaseException:
-        b.close()
-        os.close(root_fd)
-        root_fd = -1
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    finally:
-        if root_fd >= 0:
-            os.close(root_fd)
-    result.methods = dict(b.cloner.counts)
-    result.seconds = time.monotonic() - t0
-    return result
+        publish(root_entry)
+    return b.result

@@ -158,6 +158,15 @@ def _select(
     return desc
 
 
+def _rollback(store: Store, created: list[str]) -> None:
+    """A failed image import removes the layers it created: nothing half-imported stays."""
+    for diff_id in created:
+        try:
+            store._release_image_layer(diff_id, created_for_failed_import=True)
+        except LayerstoreError:
+            pass
+
+
 def import_layout(
     store: Store,
     path: str,
@@ -231,11 +240,7 @@ def import_layout(
                 on_layer(i, len(layers), info)
         store._commit_image(name, mbytes, cbytes, result.layers, mdesc.get("mediaType", ""))
     except BaseException:
-        for diff_id in created:  # nothing half-imported stays referenced
-            try:
-                store._release_image_layer(diff_id, created_for_failed_import=True)
-            except LayerstoreError:
-                pass
+        _rollback(store, created)
         raise
     result.new_layers = len(created)
     result.reused_layers = len(result.layers) - len(created)
@@ -409,11 +414,7 @@ def import_docker_archive(store: Store, path: str, name: str | None = None) -> I
                 name, mbytes, cfg_bytes, result.layers, "application/x-docker-save-entry"
             )
         except BaseException:
-            for diff_id in created:
-                try:
-                    store._release_image_layer(diff_id, created_for_failed_import=True)
-                except LayerstoreError:
-                    pass
+            _rollback(store, created)
             raise
     result.new_layers = len(created)
     result.reused_layers = len(result.layers) - len(created)
