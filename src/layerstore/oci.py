@@ -158,6 +158,16 @@ def _select(
     return desc
 
 
+def _check_layer(r: Any, i: int, label: str, want: str, created: list[str]) -> None:
+    """Record a layer this import created (for rollback), then hold it to the config."""
+    if not r.already_present:
+        created.append(r.diff_id)
+    if r.diff_id != want:
+        raise InvalidInputError(
+            f"layer {i} ({label}) has DiffID {r.diff_id}, but the config says {want}"
+        )
+
+
 def _rollback(store: Store, created: list[str]) -> None:
     """A failed image import removes the layers it created: nothing half-imported stays."""
     for diff_id in created:
@@ -221,12 +231,7 @@ def import_layout(
                 raise InvalidInputError(
                     f"layer {i} blob {d['digest']} hashes to {r.compressed_digest}"
                 )
-            if not r.already_present:
-                created.append(r.diff_id)
-            if r.diff_id != want:
-                raise InvalidInputError(
-                    f"layer {i} ({d['digest']}) has DiffID {r.diff_id}, but the config says {want}"
-                )
+            _check_layer(r, i, d["digest"], want, created)
             result.layers.append(r.diff_id)
             info = {
                 "digest": d["digest"],
@@ -401,12 +406,7 @@ def import_docker_archive(store: Store, path: str, name: str | None = None) -> I
                 f = tf.extractfile(m)
                 assert f is not None
                 r = store.import_tar(f, source=f"{path}:{lname}", image_owned=True)
-                if not r.already_present:
-                    created.append(r.diff_id)
-                if r.diff_id != want:
-                    raise InvalidInputError(
-                        f"layer {i} ({lname}) has DiffID {r.diff_id}, the config says {want}"
-                    )
+                _check_layer(r, i, lname, want, created)
                 result.layers.append(r.diff_id)
             mbytes = json.dumps(entry, sort_keys=True).encode()
             result.manifest = "sha256:" + hashlib.sha256(mbytes).hexdigest()

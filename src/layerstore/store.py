@@ -530,16 +530,7 @@ class Store:
                     f"layer sha256:{diff_id.hex()} is used by image(s) {', '.join(users)}; "
                     "remove those with `layerstore rmi` (it goes with the last of them)"
                 )
-            live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
-            if any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
-                rec["state"] = "deleted"
-                idx.put_layer(txn, diff_id, rec)
-                for c in rec.get("compressed", []):
-                    txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
-                deferred = True
-            else:
-                self._drop_layer_refs(txn, diff_id, rec)
-                deferred = False
+            deferred = self._drop_or_defer(txn, diff_id, rec)
         if deferred:
             self._write_layer_backup(diff_id, rec)
         self._remove_layer_backups()
