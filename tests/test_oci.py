@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import need_corpus
 
 from layerstore import InUseError, InvalidInputError, NotFoundError, Store
 
@@ -14,17 +15,8 @@ corpus = pytest.importorskip("corpus")
 pytestmark = pytest.mark.realdata
 
 
-def _need(fn, *args):  # type: ignore[no-untyped-def]
-    try:
-        return fn(*args)
-    except corpus.CorpusError as exc:
-        if corpus.os.geteuid() == 0:
-            raise
-        pytest.skip(f"REAL-DATA TEST SKIPPED: {exc}")
-
-
 def test_v1_then_v2_stores_only_new_content(store: Store) -> None:
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     v1 = store.import_oci(str(layout), ref="v1")
     before = store.stats()["physical_bytes"]
     v2 = store.import_oci(str(layout), ref="v2")
@@ -38,7 +30,7 @@ def test_v1_then_v2_stores_only_new_content(store: Store) -> None:
 
 
 def test_images_are_references(store: Store) -> None:
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     v1 = store.import_oci(str(layout), ref="v1")
     v2 = store.import_oci(str(layout), ref="v2")
     with pytest.raises(InUseError, match="v1"):
@@ -56,7 +48,7 @@ def test_images_are_references(store: Store) -> None:
 
 
 def test_a_directly_imported_layer_outlives_its_images(store: Store) -> None:
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     v1 = store.import_oci(str(layout), ref="v1")
     blob = next((layout / "blobs" / "sha256").iterdir())  # any blob; find the layer's
     for p in (layout / "blobs" / "sha256").iterdir():
@@ -69,13 +61,13 @@ def test_a_directly_imported_layer_outlives_its_images(store: Store) -> None:
 
 @pytest.mark.parametrize("comp", ["gzip", "zstd", "zstd:chunked"])
 def test_skopeo_layouts(store: Store, comp: str) -> None:
-    layout = _need(corpus.oci_layout, 2, comp)
+    layout = need_corpus(corpus.oci_layout, 2, comp)
     r = store.import_oci(str(layout), ref="v2", name=f"v2-{comp}")
     assert len(r.layers) == 2
 
 
 def _copy_layout(tmp_path: Path) -> Path:
-    src = _need(corpus.umoci_layout)
+    src = need_corpus(corpus.umoci_layout)
     dst = tmp_path / "layout"
     shutil.copytree(src, dst)
     return dst
@@ -182,7 +174,7 @@ def test_hostile_missing_blob_and_unknown_media_type(store: Store, tmp_path: Pat
 
 
 def test_unknown_tag_and_not_a_layout(store: Store, tmp_path: Path) -> None:
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     with pytest.raises(NotFoundError, match="nope"):
         store.import_oci(str(layout), ref="nope")
     with pytest.raises(InvalidInputError, match="not an OCI image layout"):
@@ -205,7 +197,7 @@ def test_flattened_v2_equals_umoci_unpack(store: Store, tmp_path: Path) -> None:
     a real, independent implementation -- unpacks for the same image."""
     from treecmp import diff_trees
 
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     store.import_oci(str(layout), ref="v2")
     out = tmp_path / "flat"
     r = store.materialize_image("v2", str(out))
@@ -231,7 +223,7 @@ def test_diff_dirs_for_overlay(store: Store, tmp_path: Path) -> None:
     import os
     import stat
 
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     store.import_oci(str(layout), ref="v2")
     out = tmp_path / "diffs"
     dirs = store.materialize_image("v2", str(out), diff_dirs=True)
@@ -345,7 +337,7 @@ def test_exported_layout_accepted_by_skopeo(store: Store, tmp_path: Path, comp: 
         if corpus.os.geteuid() == 0:
             raise AssertionError("skopeo is not installed (./dev test installs it)")
         pytest.skip("REAL-TOOL TEST SKIPPED: skopeo is not installed")
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     v2 = store.import_oci(str(layout), ref="v2")
     out = tmp_path / "exported"
     store.export_oci("v2", str(out), comp)
@@ -377,7 +369,7 @@ def test_exported_layout_accepted_by_skopeo(store: Store, tmp_path: Path, comp: 
 def test_docker_save_archive_written_by_skopeo(store: Store, tmp_path: Path) -> None:
     import subprocess
 
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     archive = tmp_path / "saved.tar"
     r = subprocess.run(
         [
@@ -407,7 +399,7 @@ def test_exported_layout_pulled_by_podman(store: Store, tmp_path: Path, comp: st
         if corpus.os.geteuid() == 0:
             raise AssertionError("podman is not installed (./dev test installs it)")
         pytest.skip("REAL-TOOL TEST SKIPPED: podman is not installed")
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     v2 = store.import_oci(str(layout), ref="v2")
     out = tmp_path / "exported"
     store.export_oci("v2", str(out), comp)
@@ -442,7 +434,7 @@ def test_exported_layout_pulled_by_podman(store: Store, tmp_path: Path, comp: st
 def test_fsck_repairs_from_an_oci_layout(store: Store) -> None:
     import os
 
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     v2 = store.import_oci(str(layout), ref="v2")
     victims = [e for e in store.entries(v2.layers[1]) if e.digest is not None][:2]
     for e in victims:

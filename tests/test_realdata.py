@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LoopFS, gnu_untar
+from conftest import LoopFS, gnu_untar, need_corpus
 from treecmp import diff_trees
 
 from layerstore import Store
@@ -24,15 +24,6 @@ from layerstore import Store
 corpus = pytest.importorskip("corpus")
 
 pytestmark = pytest.mark.realdata
-
-
-def _need(fn, *args):  # type: ignore[no-untyped-def]
-    try:
-        return fn(*args)
-    except corpus.CorpusError as exc:
-        if corpus.os.geteuid() == 0:
-            raise  # as root (CI) the corpus must build: a failure here is a real failure
-        pytest.skip(f"REAL-DATA TEST SKIPPED: {exc}")
 
 
 def _layout_layers(layout: Path, tag: str) -> tuple[list[dict], list[str]]:
@@ -56,7 +47,7 @@ def _layout_layers(layout: Path, tag: str) -> tuple[list[dict], list[str]]:
 
 @pytest.mark.loopfs
 def test_minbase_tarball_materializes_like_tar_x(loopfs: LoopFS, loopdir: Path) -> None:
-    tgz = _need(corpus.minbase_tar_gz)
+    tgz = need_corpus(corpus.minbase_tar_gz)
     with Store.init(str(loopdir / "store")) as st:
         res = st.import_path(str(tgz))
         assert res.diff_id == "sha256:" + hashlib.sha256(gzip.open(tgz).read()).hexdigest()
@@ -72,7 +63,7 @@ def test_minbase_tarball_materializes_like_tar_x(loopfs: LoopFS, loopdir: Path) 
 def test_umoci_layers_verify_against_their_config(tmp_path: Path, store: Store) -> None:
     """umoci wrote these blobs and the config's diff_ids: our DiffIDs must equal them, and
     the diff layer's whiteouts are kept as entries."""
-    layout = _need(corpus.umoci_layout)
+    layout = need_corpus(corpus.umoci_layout)
     layers, diff_ids = _layout_layers(layout, "v2")
     assert len(layers) == 2
     results = [store.import_path(str(d["path"])) for d in layers]
@@ -101,7 +92,7 @@ def test_umoci_layers_verify_against_their_config(tmp_path: Path, store: Store) 
 def test_skopeo_zstd_layers_import_with_matching_diff_ids(store: Store, compression: str) -> None:
     """skopeo recompressed these; zstd:chunked blobs carry skippable TOC frames that a plain
     import must skip while still producing the tar's DiffID."""
-    layout = _need(corpus.oci_layout, 2, compression)
+    layout = need_corpus(corpus.oci_layout, 2, compression)
     layers, diff_ids = _layout_layers(layout, "v2")
     for d, want in zip(layers, diff_ids, strict=True):
         assert d["mediaType"].endswith("tar+zstd")
@@ -114,7 +105,7 @@ def test_skopeo_zstd_layers_import_with_matching_diff_ids(store: Store, compress
 def test_same_layer_in_three_compressions_is_one_layer(store: Store) -> None:
     digests = set()
     for comp in ("gzip", "zstd", "zstd:chunked"):
-        layers, diff_ids = _layout_layers(_need(corpus.oci_layout, 1, comp), "v1")
+        layers, diff_ids = _layout_layers(need_corpus(corpus.oci_layout, 1, comp), "v1")
         r = store.import_path(str(layers[0]["path"]))
         digests.add(r.diff_id)
         assert r.diff_id == diff_ids[0]
@@ -126,7 +117,7 @@ def test_same_layer_in_three_compressions_is_one_layer(store: Store) -> None:
 
 
 def test_cli_import_and_materialize_real_layer(tmp_path: Path) -> None:
-    tgz = _need(corpus.minbase_tar_gz)
+    tgz = need_corpus(corpus.minbase_tar_gz)
     store = tmp_path / "s"
     run = [sys.executable, "-m", "layerstore", "--store", str(store), "--json"]
     out = subprocess.run([*run, "import", str(tgz)], capture_output=True, text=True, check=True)
