@@ -34,6 +34,17 @@ Artifacts (name → function → what it returns):
     compression, holding only tag ``vN``.  For ``gzip`` skopeo keeps umoci's gzip blobs as they
     are (same digests); ``zstd`` and ``zstd:chunked`` are recompressed by skopeo (1.9 writes the
     older zstd:chunked variant, with ``io.containers.zstd-chunked.*`` layer annotations).
+``oci-buildah-zstd-chunked-v<1|2>`` → :func:`buildah_chunked_layout`
+    A second, independent zstd:chunked writer: ``buildah from scratch``, ``cp -a`` of minbase vN
+    into the container's (vfs) root, ``buildah commit``, then ``buildah push --compression-format
+    zstd:chunked`` to ``oci:OUT:vN``.  Unlike the skopeo layouts, **both versions are a single
+    layer holding the whole root filesystem** (v2 is not stacked on v1's layer), so v2's layer
+    shares most of its files with v1's layer only file by file: the shape a file-level dedup or a
+    zstd:chunked partial pull has to find.  buildah 1.28 writes the older variant.  The build
+    checks every layer (see :func:`zstd_chunked_info`: TOC checksum, footer, DiffID) and records
+    it in ``build.json`` under ``"zstd_chunked"``; v2's ``"shared_with_v1"`` counts the regular
+    files (name and sha256) its layer shares with v1's.  buildah runs hermetically: see
+    :func:`private_ns_prefix` and :func:`containers_storage_conf`.
 
 Cache: ``$LAYERSTORE_CORPUS_DIR`` or ``~/.cache/layerstore-corpus``, under ``r<RECIPE_VERSION>/``.
 Every artifact is a directory ``<cache>/r<N>/<name>/`` holding the data and a ``build.json``
@@ -97,6 +108,7 @@ _SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PACKAGES = {
     "debootstrap": "debootstrap",
     "skopeo": "skopeo",
+    "buildah": "buildah",
     "umoci": "umoci",
     "tar": "tar",
     "gzip": "gzip",
@@ -869,6 +881,355 @@ def oci_image_ref(version: int, compression: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# zstd:chunked: verification, hermetic buildah
+
+
+#: Layer annotation prefixes of the two zstd:chunked variants (older: every Debian 12 writer).
+CHUNKED_PREFIXES = {
+    "older": "io.containers.zstd-chunked.",
+    "current": "io.github.containers.zstd-chunked.",
+}
+_SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
+_FOOTER_MAGIC = {"older": b"GnUlInUx", "current": b"GNUlInUx"}
+_FOOTER_SIZE = {"older": 48, "current": 72}
+#: Refuse TOCs larger than this (containers/storage's cap).
+_TOC_CAP = 150 << 20
+
+
+def _blob_path(layout: Path, digest: str) -> Path:
+    algo, _, hexd = digest.partition(":")
+    if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexd):
+        raise CorpusError(f"{layout}: unexpected digest {digest!r}")
+    return layout / "blobs" / algo / hexd
+
+
+def _layout_image(layout: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, config) of ``tag`` in an OCI layout."""
+    index = json.loads((layout / "index.json").read_text())
+    for desc in index["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            manifest = json.loads(_blob_path(layout, desc["digest"]).read_bytes())
+            config = json.loads(_blob_path(layout, manifest["config"]["digest"]).read_bytes())
+            return manifest, config
+    raise CorpusError(f"{layout}: no image tagged {tag!r}")
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    proc = subprocess.run(
+        [tool("zstd"), "-d", "-c", "-q"], input=data, capture_output=True, env=_env(), check=False
+    )
+    if proc.returncode != 0:
+        raise CorpusError(f"zstd -d failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+def _zstd_sha256(path: Path) -> tuple[str, int]:
+    """sha256 and size of the decompressed stream of ``path`` (every frame, skippable skipped)."""
+    h = hashlib.sha256()
+    size = 0
+    with subprocess.Popen(
+        [tool("zstd"), "-d", "-c", "-q", "--", str(path)], stdout=subprocess.PIPE, env=_env()
+    ) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    if proc.returncode != 0:
+        raise CorpusError(f"zstd -d {path} failed (exit {proc.returncode})")
+    return "sha256:" + h.hexdigest(), size
+
+
+def read_chunked_toc(
+    blob: Path, annotations: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read and check the TOC of a zstd:chunked blob; returns ``(toc, facts)``.
+
+    Checks, raising :class:`CorpusError` on any failure: the annotations name a variant, the
+    sha256 of the compressed TOC bytes at ``manifest-position`` equals ``manifest-checksum``, the
+    bytes just before it are a skippable-frame header of that length, and the footer (magic and
+    fields) agrees with the annotations.  ``facts`` says what was found.
+    """
+    variant = next(
+        (v for v, pre in CHUNKED_PREFIXES.items() if pre + "manifest-checksum" in annotations),
+        None,
+    )
+    if variant is None:
+        raise CorpusError(f"{blob.name}: no zstd:chunked manifest-checksum annotation")
+    pre = CHUNKED_PREFIXES[variant]
+    checksum = annotations[pre + "manifest-checksum"]
+    fields = annotations.get(pre + "manifest-position", "").split(":")
+    if len(fields) != 4 or not all(f.isdigit() for f in fields):
+        raise CorpusError(f"{blob.name}: bad manifest-position {fields!r}")
+    offset, length, ulength, mtype = map(int, fields)
+    size = blob.stat().st_size
+    if mtype != 1 or length > _TOC_CAP or ulength > _TOC_CAP or offset + length > size:
+        raise CorpusError(f"{blob.name}: implausible manifest-position {fields!r} (size {size})")
+    with open(blob, "rb") as f:
+        f.seek(offset - 8)
+        header = f.read(8)
+        compressed = f.read(length)
+        footer_size = _FOOTER_SIZE[variant]
+        f.seek(size - footer_size)
+        footer = f.read(footer_size)
+    actual = "sha256:" + hashlib.sha256(compressed).hexdigest()
+    if actual != checksum:
+        raise CorpusError(f"{blob.name}: TOC checksum {actual} != annotation {checksum}")
+    if header[:4] != _SKIPPABLE_MAGIC or int.from_bytes(header[4:], "little") != length:
+        raise CorpusError(f"{blob.name}: no skippable frame header of length {length} before TOC")
+    if (
+        footer[:4] != _SKIPPABLE_MAGIC
+        or int.from_bytes(footer[4:8], "little") != footer_size - 8
+        or footer[-8:] != _FOOTER_MAGIC[variant]
+    ):
+        raise CorpusError(f"{blob.name}: no {variant}-variant footer")
+    words = [int.from_bytes(footer[i : i + 8], "little") for i in range(8, footer_size - 8, 8)]
+    if words[:4] != [offset, length, ulength, mtype]:
+        raise CorpusError(f"{blob.name}: footer {words[:4]} disagrees with annotation {fields}")
+    raw = _zstd_decompress(compressed)
+    if len(raw) != ulength:
+        raise CorpusError(f"{blob.name}: TOC is {len(raw)} bytes, annotation says {ulength}")
+    toc = json.loads(raw)
+    entries = toc.get("entries", [])
+    facts = {
+        "variant": variant,
+        "annotation_prefix": pre,
+        "manifest_checksum": checksum,
+        "manifest_position": annotations[pre + "manifest-position"],
+        "toc_checksum_ok": True,
+        "footer_bytes": footer_size,
+        "toc_version": toc.get("version"),
+        "toc_entries": len(entries),
+        "toc_regular_files": sum(e.get("type") == "reg" for e in entries),
+        "toc_chunk_entries": sum(e.get("type") == "chunk" for e in entries),
+        "has_tar_split": pre + "tarsplit-position" in annotations,
+    }
+    return toc, facts
+
+
+def zstd_chunked_info(layout: Path, tag: str, verify_diff_ids: bool = True) -> list[dict[str, Any]]:
+    """Check every layer of ``tag`` in an OCI layout is zstd:chunked; one dict per layer.
+
+    Beyond :func:`read_chunked_toc`: the media type is ``tar+zstd`` and (``verify_diff_ids``)
+    the sha256 of the whole decompressed blob equals the config's DiffID.
+    """
+    manifest, config = _layout_image(layout, tag)
+    diff_ids = config["rootfs"]["diff_ids"]
+    if len(diff_ids) != len(manifest["layers"]):
+        raise CorpusError(
+            f"{layout}:{tag}: {len(manifest['layers'])} layers, {len(diff_ids)} DiffIDs"
+        )
+    out = []
+    for desc, diff_id in zip(manifest["layers"], diff_ids, strict=True):
+        if desc["mediaType"] != "application/vnd.oci.image.layer.v1.tar+zstd":
+            raise CorpusError(f"{layout}:{tag}: layer media type {desc['mediaType']}")
+        blob = _blob_path(layout, desc["digest"])
+        _, facts = read_chunked_toc(blob, desc.get("annotations", {}))
+        info = {"digest": desc["digest"], "size": desc["size"], "diff_id": diff_id, **facts}
+        if verify_diff_ids:
+            got, tar_bytes = _zstd_sha256(blob)
+            if got != diff_id:
+                raise CorpusError(f"{blob}: decompressed sha256 {got} != DiffID {diff_id}")
+            info |= {"diff_id_verified": True, "tar_bytes": tar_bytes}
+        out.append(info)
+    return out
+
+
+def _toc_files(layout: Path, tag: str) -> dict[str, tuple[str, int]]:
+    """Regular files of every layer of ``tag``: normalized name → (sha256 digest, size)."""
+    manifest, _ = _layout_image(layout, tag)
+    files: dict[str, tuple[str, int]] = {}
+    for desc in manifest["layers"]:
+        toc, _ = read_chunked_toc(_blob_path(layout, desc["digest"]), desc.get("annotations", {}))
+        for e in toc.get("entries", []):
+            if e.get("type") == "reg":
+                name = os.path.normpath("/" + e["name"]).lstrip("/")
+                files[name] = (e.get("digest", ""), int(e.get("size", 0)))
+    return files
+
+
+def _shared_files(
+    old: dict[str, tuple[str, int]], new: dict[str, tuple[str, int]]
+) -> dict[str, Any]:
+    same = [n for n, v in new.items() if old.get(n) == v]
+    by_digest = {d for d, _ in old.values()}
+    content = [n for n, (d, _) in new.items() if d in by_digest]
+    return {
+        "files": len(new),
+        "same_name_and_content": len(same),
+        "same_content": len(content),
+        "bytes": sum(s for _, s in new.values()),
+        "same_content_bytes": sum(new[n][1] for n in content),
+        "fraction_same_content": round(len(content) / max(1, len(new)), 4),
+    }
+
+
+def private_ns_prefix(
+    scratch: Path, dirs: tuple[str, ...] = ("/var", "/run"), keep: tuple[Path, ...] = ()
+) -> list[str] | None:
+    """argv prefix running a command in a private mount namespace in which each of ``dirs`` is
+    an overlay (lower: the real directory, upper: a new directory under ``scratch``).
+
+    Whatever the command writes there (as root, containers tools write
+    ``/var/lib/containers/cache``, ``/var/tmp``, ``/run/containers``, ``/run/libpod`` ...) lands in
+    ``scratch`` and disappears with it; the mounts die with the namespace.  Returns None when
+    that is impossible here (no CAP_SYS_ADMIN, no ``unshare``), or when ``scratch`` or a path in
+    ``keep`` (something the command must really write) lies inside one of ``dirs``.
+    """
+    if not _can_unshare_mounts():
+        return None
+    involved = [os.path.realpath(p) for p in (scratch, *keep)]
+    wanted = [d for d in dirs if os.path.isdir(d)]
+    if any(p == d or p.startswith(d + "/") for p in involved for d in wanted):
+        return None
+    if any(c in str(scratch) for c in ",:\\"):
+        return None
+    args: list[str] = []
+    for i, d in enumerate(wanted):
+        upper, work = scratch / f"ns-upper-{i}", scratch / f"ns-work-{i}"
+        upper.mkdir(parents=True)
+        work.mkdir()
+        args += [d, str(upper), str(work)]
+    script = (
+        'n=$1; shift; while [ "$n" -gt 0 ]; do\n'
+        '  mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$1" || exit 97\n'
+        "  shift 3; n=$((n - 1)); done\n"
+        'exec "$@"\n'
+    )
+    unshare = tool("unshare")
+    return [
+        unshare,
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        str(len(wanted)),
+        *args,
+    ]
+
+
+def containers_storage_conf(
+    scratch: Path, driver: str = "vfs", partial: bool | None = None
+) -> dict[str, str]:
+    """Write a storage.conf, containers.conf and policy.json under ``scratch`` (graph root and run
+    root inside it) and return the environment that points buildah/podman/skopeo at them.
+
+    ``partial`` sets ``[storage.options.pull_options] enable_partial_images``.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    for sub in ("graph", "runroot", "tmp"):
+        (scratch / sub).mkdir(exist_ok=True)
+    lines = [
+        "[storage]",
+        f'driver = "{driver}"',
+        f'graphroot = "{scratch / "graph"}"',
+        f'runroot = "{scratch / "runroot"}"',
+    ]
+    if partial is not None:
+        lines += [
+            "[storage.options.pull_options]",
+            f'enable_partial_images = "{str(partial).lower()}"',
+        ]
+    (scratch / "storage.conf").write_text("\n".join(lines) + "\n")
+    (scratch / "containers.conf").write_text(
+        "[engine]\n"
+        f'tmp_dir = "{scratch / "tmp"}"\n'
+        'events_logger = "none"\n'
+        'cgroup_manager = "cgroupfs"\n'
+    )
+    (scratch / "policy.json").write_text(
+        json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n"
+    )
+    env = _env()
+    env |= {
+        "CONTAINERS_STORAGE_CONF": str(scratch / "storage.conf"),
+        "CONTAINERS_CONF": str(scratch / "containers.conf"),
+        "TMPDIR": str(scratch / "tmp"),
+    }
+    return env
+
+
+_BUILDAH_SCRIPT = """set -eu
+rootfs=$1 out=$2 ref=$3 created_by=$4 policy=$5 root=$6 runroot=$7
+b() { buildah --root "$root" --runroot "$runroot" --storage-driver vfs "$@"; }
+ctr=$(b from --quiet --signature-policy "$policy" --name corpus scratch)
+mnt=$(b mount "$ctr")
+cp -a -- "$rootfs/." "$mnt/"
+b umount "$ctr"
+b config --created-by "$created_by" "$ctr"
+b commit --quiet --format oci --signature-policy "$policy" "$ctr" "localhost/corpus:$ref"
+b push --quiet --signature-policy "$policy" --compression-format zstd:chunked \
+  "localhost/corpus:$ref" "oci:$out:$ref"
+b rm "$ctr"
+b rmi --all
+"""
+
+
+def buildah_chunked_layout_name(version: int) -> str:
+    """Artifact name of :func:`buildah_chunked_layout` (``oci-buildah-zstd-chunked-v2`` ...)."""
+    _check_oci_args(version, "zstd:chunked")
+    return f"oci-buildah-zstd-chunked-v{version}"
+
+
+def buildah_chunked_layout(version: int) -> Path:
+    """OCI layout written by buildah holding one image, tag ``v{version}``: a single zstd:chunked
+    layer with the whole minbase v{version} root filesystem (see the module docstring)."""
+    name = buildah_chunked_layout_name(version)
+    rootfs = minbase_rootfs() if version == 1 else minbase_v2_rootfs()
+    v1 = buildah_chunked_layout(1) if version == 2 else None
+
+    def build(tmp: Path, log: Path) -> dict[str, Any]:
+        tool("buildah")
+        tool("cp")
+        out = tmp / "layout"
+        if ":" in str(out):
+            raise CorpusError(f"buildah oci: references cannot hold ':' in paths ({out})")
+        scratch = tmp / "scratch"
+        env = containers_storage_conf(scratch, driver="vfs")
+        prefix = private_ns_prefix(scratch, keep=(out, rootfs))
+        created_by = (
+            f"debootstrap --variant={VARIANT} {SUITE}"
+            if version == 1
+            else "apt-get install " + " ".join(V2_PACKAGES) + f"; useradd {V2_USER}; ..."
+        )
+        ref = f"v{version}"
+        args = [str(rootfs), str(out), ref, created_by, str(scratch / "policy.json")]
+        args += [str(scratch / "graph"), str(scratch / "runroot")]
+        cmd = ["sh", "-c", _BUILDAH_SCRIPT, "sh", *args]
+        try:
+            if prefix is None:
+                _log(f"{name}: cannot isolate /var and /run in a mount namespace; running plainly")
+                _run(cmd, log, env=env)
+            else:
+                _run([*prefix, *cmd], log, env=env)
+        finally:
+            _remove_tree(scratch)
+        meta: dict[str, Any] = {
+            "buildah_version": _package_version("buildah"),
+            "buildah_isolated": prefix is not None,
+            "compression": "zstd:chunked",
+            "source": str(rootfs),
+            "layout": _layout_info(out),
+            "zstd_chunked": zstd_chunked_info(out, ref),
+        }
+        if v1 is not None:
+            shared = _shared_files(_toc_files(v1, "v1"), _toc_files(out, ref))
+            if shared["fraction_same_content"] < 0.5:
+                raise CorpusError(f"{name}: v2 shares too few files with v1: {shared}")
+            meta["shared_with_v1"] = shared
+        return meta
+
+    return _artifact(name, build) / "layout"
+
+
+def buildah_chunked_image_ref(version: int) -> str:
+    """``oci:PATH:vN`` reference of :func:`buildah_chunked_layout`."""
+    return f"oci:{buildah_chunked_layout(version)}:v{version}"
+
+
+# --------------------------------------------------------------------------------------------
 # registry of artifacts and command line
 
 
@@ -877,6 +1238,14 @@ def _oci_builder(version: int, compression: str) -> Callable[[], Path]:
         return oci_layout(version, compression)
 
     build.__name__ = f"oci_layout({version}, {compression!r})"
+    return build
+
+
+def _buildah_builder(version: int) -> Callable[[], Path]:
+    def build() -> Path:
+        return buildah_chunked_layout(version)
+
+    build.__name__ = f"buildah_chunked_layout({version})"
     return build
 
 
@@ -889,6 +1258,7 @@ ARTIFACTS: dict[str, Callable[[], Path]] = {
     "minbase-v2": minbase_v2_rootfs,
     "oci-umoci": umoci_layout,
     **{oci_layout_name(v, c): _oci_builder(v, c) for c in COMPRESSIONS for v in VERSIONS},
+    **{buildah_chunked_layout_name(v): _buildah_builder(v) for v in VERSIONS},
 }
 
 
