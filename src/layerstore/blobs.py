@@ -127,13 +127,16 @@ class BlobReader:
     joins the producer and re-raises its error if it had one.
     """
 
-    def __init__(self, raw: Any, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, raw: Any, progress: Callable[[int], None] | None = None, plain: bool = False
+    ) -> None:
         self.raw = raw
         self.progress = progress
         head = _read_some(raw, 8)
         if not head:
             raise InvalidInputError("empty input: expected a tar stream")
-        self.compression = detect_compression(head)
+        # ``plain``: the caller reconstructed the tar itself (a partial import); never guess.
+        self.compression = "none" if plain else detect_compression(head)
         self.comp_sha = hashlib.sha256()
         self.diff_sha = hashlib.sha256()
         self.total_in = 0

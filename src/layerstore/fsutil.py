@@ -92,6 +92,22 @@ def try_ficlone(dst_fd: int, src_fd: int) -> bool:
         raise
 
 
+def clone_range(dst_fd: int, src_fd: int, src_offset: int, length: int, dst_offset: int) -> bool:
+    """FICLONERANGE: share ``length`` bytes of src at ``src_offset`` into dst at ``dst_offset``.
+
+    Offsets and length must be block-aligned (the kernel says EINVAL otherwise); False means
+    "copy instead" (no reflink support, different filesystems, unaligned).
+    """
+    arg = struct.pack("=qQQQ", src_fd, src_offset, length, dst_offset)
+    try:
+        fcntl.ioctl(dst_fd, FICLONERANGE, arg)
+        return True
+    except OSError as exc:
+        if exc.errno in _NO_CLONE:
+            return False
+        raise
+
+
 def copy_range(dst_fd: int, src_fd: int, size: int) -> bool:
     """copy_file_range the whole of src; reflinks where the kernel can.  False if unsupported."""
     done = 0

@@ -98,6 +98,8 @@ class ImportResult:
     already_present: bool = False
     seconds: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
+    # zstd:chunked partial imports: bytes read vs blob size, what was reused (else None)
+    partial: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -131,6 +133,7 @@ class _Importer:
         self.replaces = 0
         self.tarsplit = b""
         self.tar_bytes = 0
+        self.hooks: ImportHooks | None = None
 
     # staging -----------------------------------------------------------------------------
     def _fan_dir(self, b3: bytes) -> str:
@@ -228,7 +231,24 @@ class _Importer:
                 h.update(buf)
                 out.write(buf)
                 left -= len(buf)
-        b3, sha = h.blake3(), h.sha256()
+        return self._adopt(tmp, h.blake3(), h.sha256(), size)
+
+    def add_prestaged(self, f: BinaryIO, size: int, staged: str) -> bytes:
+        """A file already assembled in staging (a partial import): hash what the stream says
+        it holds and adopt the staged file instead of writing a copy (its cloned extents
+        stay shared)."""
+        h = DualHasher(size)
+        left = size
+        while left:
+            buf = f.read(min(_READ, left))
+            if not buf:
+                raise InvalidInputError("tar stream ends inside a file's data (truncated)")
+            h.update(buf)
+            left -= len(buf)
+        return self._adopt(staged, h.blake3(), h.sha256(), size)
+
+    def _adopt(self, tmp: str, b3: bytes, sha: bytes, size: int) -> bytes:
+        """Take a complete staged file: dedup by digest, else keep it under its staged name."""
         path = self._staged_path(b3, sha)
         if b3 in self.pinned or os.path.exists(path):
             os.unlink(tmp)
@@ -358,34 +378,82 @@ def import_tar(
             store._mark_standalone(bytes.fromhex(known.diff_id[7:]))
         known.seconds = time.monotonic() - t0
         return known
-    blob = BlobReader(stream, progress)
+    return run_import(store, lambda imp: (stream, None), progress, source, image_owned)
+
+
+class ImportHooks:
+    """What a non-tar source (a zstd:chunked partial import) plugs into the import pipeline.
+
+    The pipeline still parses the (reconstructed) tar and validates every name, so a partial
+    import gets exactly the checks of a full one; the hooks add the cross-checks against the
+    TOC and let assembled files be adopted instead of written a second time.
+    """
+
+    compression = "none"
+
+    def check_member(self, m: TarMember, path: str) -> None:
+        """Called for every tar member before it is used; raise to refuse the layer."""
+
+    def take_prestaged(self, path: str) -> str | None:
+        """A staged file (in the importer's staging dir) holding this member's content."""
+        return None
+
+    def finish(self) -> None:
+        """Called after the tar ends; raise if something expected never came."""
+
+    def info(self) -> dict[str, Any]:
+        """Extra fields for the layer record (and the result's ``partial``)."""
+        return {}
+
+
+def run_import(
+    store: Store,
+    make_stream: Callable[[_Importer], tuple[BinaryIO, ImportHooks | None]],
+    progress: Callable[[int], None] | None,
+    source: str,
+    image_owned: bool,
+    record_compressed: bool = True,
+) -> ImportResult:
+    """Stream, publish and commit one layer; ``make_stream`` supplies the raw byte stream (it
+    gets the importer so a partial import can assemble files in its staging directory)."""
+    t0 = time.monotonic()
     imp = _Importer(store, progress=None)
+    blob: BlobReader | None = None
     try:
+        stream, hooks = make_stream(imp)
+        imp.hooks = hooks
+        blob = BlobReader(stream, progress, plain=hooks is not None)
         result = _stream_phase(imp, blob)
         comp_digest, diff_id = blob.finish()  # whole blob read, integrity checked
+        if hooks is not None:
+            hooks.finish()
         if imp.tar_bytes != blob.total_out:
             raise StoreError(
                 f"internal error: the tar-split covers {imp.tar_bytes} bytes of a "
                 f"{blob.total_out}-byte tar; please report this"
             )
         imp.publish()
+        compression = hooks.compression if hooks is not None else blob.compression
+        extra = hooks.info() if hooks is not None else {}
+        result.compression = compression
         result.diff_id = "sha256:" + diff_id.hex()
-        result.compressed_digest = "sha256:" + comp_digest.hex()
+        result.compressed_digest = "sha256:" + comp_digest.hex() if record_compressed else ""
         present = store._commit_layer(
             diff_id,
-            comp_digest,
+            comp_digest if record_compressed else None,
             bytes.fromhex(result.manifest),
             {
                 "entries": result.entries,
                 "files": result.files,
                 "bytes": result.logical_bytes,
-                "compression": blob.compression,
+                "compression": compression,
                 "source": source,
                 "replaces": imp.replaces,
                 "tarsplit": imp.tarsplit.hex(),
                 "tar_bytes": imp.tar_bytes,
                 "standalone": not image_owned,
                 "images": 0,
+                **extra,
             },
             imp.pinned,
         )
@@ -393,6 +461,7 @@ def import_tar(
         result.new_objects = imp.staged_new
         result.new_bytes = imp.staged_bytes
         result.reused_objects = imp.reused
+        result.partial = extra.get("partial")
         result.seconds = time.monotonic() - t0
         return result
     except OSError as exc:
@@ -403,7 +472,8 @@ def import_tar(
             ) from None
         raise
     finally:
-        blob.abort()
+        if blob is not None:
+            blob.abort()
         imp.end_known()
         imp.writers.shutdown(wait=True, cancel_futures=True)
         store.release_import_pins(imp.pinned)
@@ -477,6 +547,8 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
             entries += 1
             path = normalize(m.name)
             _check_ranges(m)
+            if imp.hooks is not None:
+                imp.hooks.check_member(m, path)
             for anc in ancestors(path):
                 if anc in symlinks or anc in nondirs:
                     raise UnsafePathError(
@@ -507,6 +579,8 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     if size <= INLINE_MAX:
                         e.inline = tar.read_exact(size, m.name) if size else b""
                         imp.inline += 1
+                    elif imp.hooks is not None and (pre := imp.hooks.take_prestaged(path)):
+                        e.digest = imp.add_prestaged(tar, size, pre)  # type: ignore[arg-type]
                     elif size <= MEM_MAX:
                         e.digest = imp.add_content(tar.read_exact(size, m.name))
                     else:

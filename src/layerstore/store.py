@@ -247,7 +247,7 @@ class Store:
     def _commit_layer(
         self,
         diff_id: bytes,
-        comp: bytes,
+        comp: bytes | None,
         manifest_b3: bytes,
         info: dict[str, Any],
         pinned: DigestSet,
@@ -277,9 +277,12 @@ class Store:
                     rec["state"] = "live"  # removed while pinned; references never dropped
                 if info.get("standalone"):
                     rec["standalone"] = True
-            if comp.hex() not in rec["compressed"]:
-                rec["compressed"].append(comp.hex())
-            txn.put(comp, diff_id, db=idx.db[b"compressed"])
+            # A partial import never read the whole blob, so it records no compressed digest
+            # (``comp`` None): the re-import shortcut must only ever trust a verified one.
+            if comp is not None:
+                if comp.hex() not in rec["compressed"]:
+                    rec["compressed"].append(comp.hex())
+                txn.put(comp, diff_id, db=idx.db[b"compressed"])
             idx.put_layer(txn, diff_id, rec)
             leases.unpin_objects(idx, txn, self.lease.id, pinned)
         pinned.clear()
