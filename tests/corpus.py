@@ -1323,7 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "list":
             for name in ARTIFACTS:
                 built = (cache_dir() / name / "build.json").is_file()
-                print(f"{name:24} {'built' if built else '-'}")
+                print(f"{name:28} {'built' if built else '-'}")
         else:
             was_built = {n: (cache_dir() / n).is_dir() for n in ARTIFACTS}
             start = time.monotonic()
@@ -1333,7 +1333,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in paths.items():
                 info = build_info(name)
                 how = "cached" if was_built[name] else f"built in {info['seconds']:.1f} s"
-                print(f"{name:22} {how:18} {path}\n{'':22} {_describe(name)}")
+                print(f"{name:28} {how:18} {path}\n{'':28} {_describe(name)}")
             print(f"total: {total:.1f} s")
     except CorpusError as exc:
         print(f"corpus: error: {exc}", file=sys.stderr)
