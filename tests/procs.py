@@ -144,5 +144,32 @@ def cmd_stress(store: str, seed: str, duration: str, tars: str, dest_base: str, 
     say(event="done", ops=n)
 
 
+def cmd_partial_slow(store: str, blob: str, annotations: str, marker: str, delay: str) -> None:
+    """Partially import a zstd:chunked blob, stalling (after the plan and its pins) before the
+    first fetched byte, so another process can remove the layer whose chunks it reuses and gc."""
+    from layerstore.chunked import FileSource
+
+    class Slow(FileSource):
+        def read_ranges(self, ranges):  # type: ignore[no-untyped-def]
+            self.calls = getattr(self, "calls", 0) + 1
+            first = True
+            for piece in super().read_ranges(ranges):
+                if first and self.calls == 2:  # the fetch after planning (1: TOC + tar-split)
+                    say(event="planned")
+                    open(marker, "w").close()
+                    time.sleep(float(delay))
+                first = False
+                yield piece
+
+    st = Store(store)
+    try:
+        with Slow(blob) as src:
+            r = st.import_chunked(src, json.loads(annotations))
+        say(event="done", diff_id=r.diff_id, partial=r.partial)
+    except LayerstoreError as exc:
+        say(event="error", error=str(exc))
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     globals()["cmd_" + sys.argv[1].replace("-", "_")](*sys.argv[2:])

@@ -81,6 +81,9 @@ class LayerInfo:
     source: str
     compression: str
     state: str
+    tarsplit: str = ""
+    # zstd:chunked partial imports: how it was read and what proves the DiffID (else None)
+    partial: dict[str, Any] | None = None
 
     @staticmethod
     def from_record(diff_id: bytes, rec: dict[str, Any]) -> LayerInfo:
@@ -95,6 +98,8 @@ class LayerInfo:
             source=rec.get("source", ""),
             compression=rec.get("compression", ""),
             state=rec.get("state", "live"),
+            tarsplit=rec.get("tarsplit", ""),
+            partial=rec.get("partial"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -704,6 +709,44 @@ class Store:
             leases.unpin_layer(idx, txn, p, diff_id)
 
     # -- export ----------------------------------------------------------------------------
+    def import_chunked(
+        self,
+        source: Any,
+        annotations: dict[str, str] | None = None,
+        *,
+        expected_diff_id: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        """Partially import a zstd:chunked blob: read only what the store lacks.
+
+        ``source`` is a path to a local blob or any :class:`layerstore.chunked.RangeSource`
+        (e.g. an HTTP blob); ``annotations`` are the OCI descriptor's, which make the TOC
+        trusted by checksum.  The result's ``partial`` reports bytes read vs the blob size.
+        """
+        from .chunked import FileSource
+        from .partial import import_chunked
+
+        if isinstance(source, str | os.PathLike):
+            with FileSource(os.fspath(source)) as src:
+                return import_chunked(
+                    self,
+                    src,
+                    annotations,
+                    expected_diff_id=expected_diff_id,
+                    progress=progress,
+                    source_name=f"file:{os.path.abspath(source)}",
+                )
+        return import_chunked(
+            self, source, annotations, expected_diff_id=expected_diff_id, progress=progress
+        )
+
+    def export_chunked(self, ref: str, out: BinaryIO) -> Any:
+        """Write a layer as a zstd:chunked blob (current upstream variant); returns the
+        descriptor facts (digest, size, annotations).  See ``layerstore.chunked_writer``."""
+        from .chunked_writer import write_chunked
+
+        return write_chunked(self, ref, out)
+
     def export_layer(
         self, ref: str, out: BinaryIO, progress: Callable[[int], None] | None = None
     ) -> int:
