@@ -89,3 +89,20 @@ def test_missing_store_and_bad_destination(tmp_path: Path, tarball: Path) -> Non
     (tmp_path / "taken").mkdir()
     p = cli(st, "materialize", imp["diff_id"], str(tmp_path / "taken"))
     assert p.returncode == 6 and b"exists" in p.stderr
+
+
+def test_zstd_chunked_export_and_partial_import(tmp_path: Path, tarball: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    imp = js(cli(a, "--json", "import", str(tarball)))
+    blob = tmp_path / "layer.zst"
+    out = js(cli(a, "--json", "export", imp["diff_id"], "--zstd-chunked", "-o", str(blob)))
+    assert out["diff_id"] == imp["diff_id"] and blob.stat().st_size == out["size"]
+    assert any(k.endswith("manifest-checksum") for k in out["annotations"])
+    r = js(cli(b, "--json", "import", "--partial", str(blob)))
+    assert r["diff_id"] == imp["diff_id"] and r["manifest"] == imp["manifest"]
+    assert r["partial"]["variant"] == "new" and r["partial"]["toc_verified"] is False
+    human = cli(b, "import", "--partial", str(blob))
+    assert human.returncode == 0 and b"skipped" in human.stdout, human.stdout
+    # not a zstd:chunked blob: a clear error and exit code 2
+    bad = cli(b, "import", "--partial", str(tarball))
+    assert bad.returncode == 2 and b"no zstd:chunked footer" in bad.stderr

@@ -329,7 +329,7 @@ def test_flatten_opaque_dirs_and_type_changes(store: Store, tmp_path: Path) -> N
     assert (out / "keep").read_bytes() == b"kept"
 
 
-@pytest.mark.parametrize("comp", ["gzip", "zstd"])
+@pytest.mark.parametrize("comp", ["gzip", "zstd", "zstd:chunked"])
 def test_exported_layout_accepted_by_skopeo(store: Store, tmp_path: Path, comp: str) -> None:
     import subprocess
 
@@ -390,7 +390,7 @@ def test_docker_save_archive_written_by_skopeo(store: Store, tmp_path: Path) -> 
     assert {im["name"] for im in store.images()} == {"v2", "example.org/minbase:v2"}
 
 
-@pytest.mark.parametrize("comp", ["gzip", "zstd"])
+@pytest.mark.parametrize("comp", ["gzip", "zstd", "zstd:chunked"])
 def test_exported_layout_pulled_by_podman(store: Store, tmp_path: Path, comp: str) -> None:
     """podman 4.3 pulls what we export (into a private --root), with our DiffIDs."""
     import subprocess

@@ -86,18 +86,30 @@ def init(c: Ctx) -> None:
 
 @cli.command("import")
 @click.argument("sources", nargs=-1, required=True)
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="zstd:chunked blobs: read only what the store lacks (TOC found by the footer).",
+)
 @click.pass_obj
-def import_(c: Ctx, sources: tuple[str, ...]) -> None:
+def import_(c: Ctx, sources: tuple[str, ...], partial: bool) -> None:
     """Import layers from tar files (plain/gzip/zstd), directories, or - for stdin."""
     results = []
     with c.open(create=True) as st:
         for src in sources:
             total = os.path.getsize(src) if src != "-" and os.path.isfile(src) else None
-            with c.progress(total, "B", f"import {os.path.basename(src)}") as upd:
-                r = st.import_path(src, progress=upd)
+            with c.progress(
+                None if partial else total, "B", f"import {os.path.basename(src)}"
+            ) as upd:
+                if partial:
+                    r = st.import_chunked(src, progress=upd)
+                else:
+                    r = st.import_path(src, progress=upd)
             results.append(r.to_json())
             if not c.json and not c.quiet:
                 state = "already stored" if r.already_present else "imported"
+                if r.partial is not None:
+                    click.echo(_partial_line(r.partial))
                 click.echo(
                     f"{r.diff_id}  {state}: {r.entries} entries, {r.files} files, "
                     f"{_human_bytes(r.logical_bytes)}; new {r.new_objects} objects "
@@ -106,6 +118,20 @@ def import_(c: Ctx, sources: tuple[str, ...]) -> None:
                 )
     if c.json:
         click.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
+
+
+def _partial_line(p: dict[str, Any]) -> str:
+    proof = p.get("diff_id_proof", "")
+    trust = (
+        "TOC checksum verified" if p.get("toc_verified") else "TOC from the footer (no checksum)"
+    )
+    return (
+        f"  zstd:chunked ({p.get('variant')}): read {_human_bytes(p['bytes_read'])} of "
+        f"{_human_bytes(p['blob_size'])}, skipped {p['skipped_pct']:.1f}%; files reused "
+        f"{p['files_reused']}, assembled {p['files_assembled']}, fetched {p['files_fetched']}; "
+        f"chunks reused {p['chunks_reused']}, fetched {p['chunks_fetched']}; {trust}; "
+        f"DiffID: {proof}"
+    )
 
 
 @cli.command("ls")
@@ -185,11 +211,38 @@ def materialize(c: Ctx, layer: str, dest: str, mode: str, no_sync: bool, diff_di
 @cli.command()
 @click.argument("layer")
 @click.option("-o", "--output", default="-", help="File to write (default: stdout).")
+@click.option(
+    "--zstd-chunked",
+    "chunked",
+    is_flag=True,
+    help="Write a zstd:chunked blob (current upstream variant); prints its annotations.",
+)
 @click.pass_obj
-def export(c: Ctx, layer: str, output: str) -> None:
+def export(c: Ctx, layer: str, output: str, chunked: bool) -> None:
     """Write LAYER's original tar (byte for byte: its sha256 is the DiffID)."""
     with c.open() as st:
         info = st.layer(layer)
+        if chunked:
+            if output == "-":
+                raise click.UsageError("--zstd-chunked needs -o FILE")
+            tmp = f"{output}.layerstore-tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    blob = st.export_chunked(info.diff_id, f)
+                os.rename(tmp, output)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            c.out(
+                {"output": output, **blob.to_json()},
+                lambda: click.echo(
+                    f"{output}: {blob.size} bytes, {blob.digest}, DiffID {blob.diff_id}, "
+                    f"{blob.files} files in {blob.chunks} chunks\n"
+                    + json.dumps(blob.annotations, indent=2)
+                ),
+            )
+            return
         if output == "-":
             n = st.export_layer(info.diff_id, sys.stdout.buffer)
             return
@@ -213,9 +266,19 @@ def export(c: Ctx, layer: str, output: str) -> None:
 @click.option("--ref", help="Tag in the layout (org.opencontainers.image.ref.name).")
 @click.option("--name", help="Name of the image in the store (default: the tag).")
 @click.option("--platform", help="os/arch to pick from an index (default: this machine's).")
+@click.option(
+    "--no-partial",
+    is_flag=True,
+    help="Read zstd:chunked layers whole instead of only what the store lacks.",
+)
 @click.pass_obj
 def import_oci(
-    c: Ctx, layout: str, ref: str | None, name: str | None, platform: str | None
+    c: Ctx,
+    layout: str,
+    ref: str | None,
+    name: str | None,
+    platform: str | None,
+    no_partial: bool,
 ) -> None:
     """Import an image from an OCI image layout directory (LAYOUT or LAYOUT:TAG)."""
     if ref is None and ":" in layout and not os.path.isdir(layout):
@@ -229,9 +292,18 @@ def import_oci(
                 f"({state}, {info['seconds']:.2f}s)",
                 err=True,
             )
+            if info.get("partial") and info["new"]:
+                click.echo("  " + _partial_line(info["partial"]), err=True)
 
     with c.open(create=True) as st:
-        r = st.import_oci(layout, ref=ref, name=name, platform=platform, on_layer=on_layer)
+        r = st.import_oci(
+            layout,
+            ref=ref,
+            name=name,
+            platform=platform,
+            on_layer=on_layer,
+            partial=not no_partial,
+        )
 
     def human() -> None:
         click.echo(
@@ -246,7 +318,10 @@ def import_oci(
 @click.argument("image")
 @click.argument("layout")
 @click.option(
-    "--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "zstd:chunked", "none"]),
+    default="gzip",
+    show_default=True,
 )
 @click.pass_obj
 def export_oci(c: Ctx, image: str, layout: str, compression: str) -> None:

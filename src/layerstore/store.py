@@ -590,14 +590,18 @@ class Store:
         name: str | None = None,
         platform: str | None = None,
         on_layer: Callable[[int, int, dict[str, Any]], None] | None = None,
+        partial: bool = True,
     ) -> Any:
         """Import an image from an OCI image layout or a ``docker save`` archive (see
-        ``layerstore.oci``); ``on_layer`` reports each layer as it is done."""
+        ``layerstore.oci``); ``on_layer`` reports each layer as it is done; ``partial``: read
+        zstd:chunked layers partially."""
         from .oci import import_docker_archive, import_layout
 
         if os.path.isfile(layout):  # a `docker save` archive
             return import_docker_archive(self, layout, name=name)
-        return import_layout(self, layout, ref=ref, name=name, plat=platform, on_layer=on_layer)
+        return import_layout(
+            self, layout, ref=ref, name=name, plat=platform, on_layer=on_layer, partial=partial
+        )
 
     def export_oci(self, name: str, path: str, compression: str = "gzip") -> Any:
         """Write image ``name`` as an OCI image layout (see ``layerstore.oci``)."""
@@ -716,6 +720,7 @@ class Store:
         *,
         expected_diff_id: str | None = None,
         progress: Callable[[int], None] | None = None,
+        image_owned: bool = False,
     ) -> Any:
         """Partially import a zstd:chunked blob: read only what the store lacks.
 
@@ -735,9 +740,15 @@ class Store:
                     expected_diff_id=expected_diff_id,
                     progress=progress,
                     source_name=f"file:{os.path.abspath(source)}",
+                    image_owned=image_owned,
                 )
         return import_chunked(
-            self, source, annotations, expected_diff_id=expected_diff_id, progress=progress
+            self,
+            source,
+            annotations,
+            expected_diff_id=expected_diff_id,
+            progress=progress,
+            image_owned=image_owned,
         )
 
     def export_chunked(self, ref: str, out: BinaryIO) -> Any:
