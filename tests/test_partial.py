@@ -277,3 +277,22 @@ def test_seed_race_partial_import_survives_rm_and_gc(scratch_xfs: LoopFS) -> Non
         st.gc()
         assert not os.path.exists(st.object_path(x_obj))  # unpinned now: collected
         assert st.fsck().exit_code == 0
+
+
+def test_chunk_index_of_plain_tar_import_serves_partial_imports(tmp_path: Path) -> None:
+    """A layer imported from a plain tar, chunked like containers/storage cuts, lets a later
+    zstd:chunked import assemble a changed file from its chunks (no reflink needed: ext4)."""
+    b1, b2, _v1, v2, ann = _two_versions(tmp_path)
+    with Store.init(str(tmp_path / "s")) as st:
+        st.import_path(str(tmp_path / "v0.tar"))  # the plain tar behind b1
+        first = st.chunk_index()
+        assert first["objects_chunked"] == 1 and first["chunks_indexed"] >= 100
+        assert st.chunk_index()["objects_chunked"] == 0  # marked: never chunked twice
+        src = CountingSource(FileSource(str(b2)))
+        r = st.import_chunked(src, ann)
+        p = r.partial
+        assert p["files_assembled"] == 1 and p["chunks_reused"] >= 100, p
+        assert src.counted < 0.1 * src.size()
+        entry = next(e for e in st.entries(r.diff_id) if e.path == "db.bin")
+        with open(st.object_path(entry.digest), "rb") as f:
+            assert f.read() == v2

@@ -134,6 +134,22 @@ def _partial_line(p: dict[str, Any]) -> str:
     )
 
 
+@cli.command("chunk-index")
+@click.argument("layers", nargs=-1)
+@click.pass_obj
+def chunk_index(c: Ctx, layers: tuple[str, ...]) -> None:
+    """Index the chunks of LAYERS' files (default: all) for zstd:chunked partial imports."""
+    with c.open() as st:
+        r = st.chunk_index(list(layers) or None)
+    c.out(
+        r,
+        lambda: click.echo(
+            f"{r['layers']} layers: chunked {r['objects_chunked']} objects "
+            f"({_human_bytes(r['bytes_chunked'])}), {r['chunks_indexed']} chunks indexed"
+        ),
+    )
+
+
 @cli.command("ls")
 @click.pass_obj
 def ls(c: Ctx) -> None:

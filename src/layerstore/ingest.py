@@ -458,6 +458,12 @@ def run_import(
             imp.pinned,
         )
         result.already_present = present
+        if not present and hooks is None and store.index_chunks:
+            # Plain tar: cut its new objects as containers/storage would, so later
+            # zstd:chunked pulls find their chunks (a hint index; after the commit).
+            from .chunkindex import index_layer
+
+            result.stats.update(index_layer(store, bytes.fromhex(result.manifest)))
         result.new_objects = imp.staged_new
         result.new_bytes = imp.staged_bytes
         result.reused_objects = imp.reused

@@ -31,14 +31,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import zstandard
 
-from . import leases
+from . import chunkindex, leases
 from .chunked import (
     ChunkedError,
     ChunkRef,
@@ -67,7 +66,6 @@ _PIECE: Final = 1 << 20
 # A header gap may expand at most this much (zstd bombs between payload frames).
 _GAP_RATIO: Final = 256
 _GAP_SLACK: Final = 1 << 20
-_CHUNK = struct.Struct("<32sQQ")  # chunks DB value: blake3 of the object, offset, length
 _TAR_TYPES: Final = {
     b"0": "reg",
     b"\0": "reg",
@@ -240,7 +238,7 @@ class _Partial(ImportHooks):
                         if not c.zeros:
                             v = txn.get(c.digest, db=chunkdb)
                             if v is not None:
-                                cb3, coff, clen = _CHUNK.unpack(v)
+                                cb3, coff, clen = chunkindex.VALUE.unpack(v)
                                 if clen == c.size and usable(cb3):
                                     part.kind, part.b3, part.src_offset = "reuse", cb3, coff
                                     self.pins.add(cb3)
@@ -576,7 +574,7 @@ def import_chunked(
             f"the layer replayed from this zstd:chunked blob has DiffID {result.diff_id}, "
             f"not {expected_diff_id}: the TOC or blob does not match the image"
         )
-    record_chunks(store, toc.entries)
+    chunkindex.record_toc(store, toc.entries)
     return result
 
 
@@ -604,31 +602,4 @@ def _known_layer(store: Store, diff_id: str, image_owned: bool) -> ImportResult 
     )
 
 
-def record_chunks(store: Store, entries: list[TocEntry]) -> int:
-    """Add a TOC's multi-chunk files to the chunk index (chunk sha256 -> object, offset, size).
-
-    A hint index: entries are checked against the object (existence, not doomed, and the chunk's
-    sha256 on use), so a stale entry costs a lookup, never correctness.
-    """
-    idx = store.index
-    shadb, chunkdb = idx.db[b"sha256"], idx.db[b"chunks"]
-    n = 0
-    with idx.write() as txn:
-        for e in entries:
-            if len(e.chunks) < 2:
-                continue
-            b3 = txn.get(e.digest, db=shadb)
-            if b3 is None:
-                continue
-            for c in e.chunks:
-                if not c.zeros and txn.put(
-                    c.digest,
-                    _CHUNK.pack(bytes(b3), c.file_offset, c.size),
-                    db=chunkdb,
-                    overwrite=False,
-                ):
-                    n += 1
-    return n
-
-
-__all__ = ["PartialStats", "import_chunked", "record_chunks"]
+__all__ = ["PartialStats", "import_chunked"]
