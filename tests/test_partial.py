@@ -8,6 +8,7 @@ the import reports.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from conftest import LoopFS, need_corpus
 
 from layerstore import Store
 from layerstore.chunked import FileSource, locate, read_range
+from layerstore.chunker import crc64_iso
 from layerstore.fsutil import shared_bytes
 
 HERE = Path(__file__).parent
@@ -167,6 +169,29 @@ def test_writer_blob_reads_back_everywhere(tmp_path: Path) -> None:
     kinds = [(e["type"], e["name"], e.get("chunkType", "")) for e in toc["entries"]]
     assert ("chunk", "sparse-ish", "zeros") in kinds
     assert sum(1 for k in kinds if k[:2] == ("chunk", "big.bin")) >= 10
+    # TOC and tar-split cross-checked by hand: every file entry of the tar-split, in order,
+    # is the TOC's next regular file, with its size and the CRC-64/ISO of the real content.
+    with FileSource(str(tmp_path / "l.zst")) as src:
+        ts_z = read_range(src, loc.tarsplit.offset, loc.tarsplit.offset + loc.tarsplit.length)
+    assert toc["tarSplitDigest"] == "sha256:" + hashlib.sha256(ts_z).hexdigest()
+    lines = zstandard.ZstdDecompressor().decompress(ts_z, max_output_size=loc.tarsplit.ulength)
+    records = [json.loads(x) for x in lines.splitlines()]
+    assert [r["position"] for r in records] == list(range(len(records)))
+    regs = [e for e in toc["entries"] if e["type"] == "reg"]
+    files = [r for r in records if r["type"] == 1]
+    assert [r["name"] for r in files] == [e["name"] for e in toc["entries"] if e["type"] != "chunk"]
+    by_name = {r["name"]: r for r in files}
+    for e in regs:
+        content = (tree / e["name"]).read_bytes()
+        assert by_name[e["name"]].get("size", 0) == len(content) == e.get("size", 0)
+        if content:
+            want = crc64_iso(content).to_bytes(8, "big")
+            assert base64.b64decode(by_name[e["name"]]["payload"]) == want
+            assert e["digest"] == "sha256:" + hashlib.sha256(content).hexdigest()
+        else:
+            assert by_name[e["name"]]["payload"] is None
+    raw = b"".join(base64.b64decode(r["payload"]) for r in records if r["type"] == 2)
+    assert len(raw) + sum(len((tree / e["name"]).read_bytes()) for e in regs) == len(tar)
     # Its own reader, from the annotations and from the bare footer: the same layer.
     for ann, verified in ((blob.annotations, True), (None, False)):
         with Store.init(str(tmp_path / f"b{verified}")) as b:

@@ -126,11 +126,17 @@ class PartialStats:
 class _Fetcher:
     """Hands out the bytes of increasing blob ranges from one streamed multi-range read."""
 
-    def __init__(self, source: RangeSource, ranges: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        source: RangeSource,
+        ranges: list[tuple[int, int]],
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
         self.it = source.read_ranges(ranges) if ranges else iter(())
         self.off = 0
         self.buf = b""
         self.bytes = 0
+        self.on_read = on_read
 
     def pieces(self, a: int, b: int) -> Iterator[bytes]:
         while a < b:
@@ -140,6 +146,8 @@ class _Fetcher:
                 except StopIteration:
                     raise ChunkedError(f"the source ended before blob range {a}-{b}") from None
                 self.bytes += len(data)
+                if self.on_read is not None:
+                    self.on_read(len(data))
                 if off > a:
                     raise ChunkedError(f"the source skipped blob bytes {a}-{off}")
                 self.off, self.buf = off, data
@@ -197,6 +205,7 @@ class _Partial(ImportHooks):
         tarsplit: list[Segment] | None,
         stats: PartialStats,
         pins: DigestSet,
+        on_read: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
         self.imp = imp
@@ -210,7 +219,7 @@ class _Partial(ImportHooks):
         self.plans: dict[str, _Plan] = {}
         self.order: list[_Plan] = []
         self._plan()
-        self.fetcher = _Fetcher(source, self._ranges())
+        self.fetcher = _Fetcher(source, self._ranges(), on_read)
 
     # planning ---------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -520,7 +529,10 @@ def import_chunked(
     source_name: str = "",
     image_owned: bool = False,
 ) -> ImportResult:
-    """Import a zstd:chunked layer reading only what the store lacks; see the module doc."""
+    """Import a zstd:chunked layer reading only what the store lacks; see the module doc.
+
+    ``progress(n)`` is called with the bytes read from the source (a bar over the blob size
+    shows how much is skipped)."""
     stats = PartialStats(blob_size=source.size())
     if expected_diff_id is not None:
         known = _known_layer(store, expected_diff_id, image_owned)
@@ -543,6 +555,8 @@ def import_chunked(
             raise ChunkedError("the source returned bytes outside the requested ranges")
         got[owner] += data
         stats.bytes_read += len(data)
+        if progress is not None:
+            progress(len(data))
     toc = parse_toc(
         decode_frame(bytes(got[loc.toc.offset]), loc.toc, loc.toc_digest, "TOC"), data_end(loc)
     )
@@ -560,12 +574,12 @@ def import_chunked(
     pins = DigestSet()
 
     def make_stream(imp: _Importer) -> tuple[BinaryIO, ImportHooks]:
-        hooks = _Partial(store, imp, source, loc, toc.entries, segments, stats, pins)
+        hooks = _Partial(store, imp, source, loc, toc.entries, segments, stats, pins, progress)
         return _Stream(hooks.tar_pieces()), hooks  # type: ignore[return-value]
 
     try:
         result = run_import(
-            store, make_stream, progress, source_name, image_owned, record_compressed=False
+            store, make_stream, None, source_name, image_owned, record_compressed=False
         )
     finally:
         store.release_import_pins(pins)
