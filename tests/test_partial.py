@@ -321,3 +321,40 @@ def test_chunk_index_of_plain_tar_import_serves_partial_imports(tmp_path: Path) 
         entry = next(e for e in st.entries(r.diff_id) if e.path == "db.bin")
         with open(st.object_path(entry.digest), "rb") as f:
             assert f.read() == v2
+
+
+@pytest.mark.realdata
+def test_toc_only_reads_fewer_bytes_and_says_the_diff_id_is_unproved(tmp_path: Path) -> None:
+    """The older variant has no tar-split: TOC-only mode skips the header frames (podman's
+    byte count) and records the config's DiffID as unproved, with no tar-split to export."""
+    from layerstore import InvalidInputError, StoreError
+
+    b1 = _layers(_layout("buildah", 1), "v1")[0]
+    b2, ann2, did2 = _layers(_layout("buildah", 2), "v2")[0]
+    counts = {}
+    for toc_only in (False, True):
+        with Store.init(str(tmp_path / f"s{toc_only}")) as st:
+            st.import_chunked(str(b1[0]), b1[1], expected_diff_id=b1[2], toc_only=toc_only)
+            src = CountingSource(FileSource(str(b2)))
+            r = st.import_chunked(src, ann2, expected_diff_id=did2, toc_only=toc_only)
+            src.inner.close()
+            counts[toc_only] = src.counted
+            info = st.layer(did2)
+            if toc_only:
+                assert r.partial["diff_id_proof"] == "unverified (TOC only)"
+                assert info.partial["diff_id_proof"] == "unverified (TOC only)"
+                assert info.tarsplit == ""
+                with pytest.raises(StoreError, match="no tar-split"):
+                    st.export_layer(did2, open(os.devnull, "wb"))
+                with pytest.raises(InvalidInputError, match="needs the DiffID"):
+                    st.import_chunked(str(b2), ann2, toc_only=True)
+                toc_manifest = info.manifest
+            else:
+                assert info.partial["diff_id_proof"] == "header-frame replay"
+    # The header frames are what TOC-only saves (~0.6 MB of this 52 MB blob).
+    assert counts[True] < counts[False] - 300_000, counts
+    # buildah's tar has whole-second mtimes, so the TOC says all the manifest needs: the
+    # TOC-only layer equals a full import of the same blob.
+    with Store.init(str(tmp_path / "full")) as full:
+        assert full.import_path(str(b2)).diff_id == did2
+        assert full.layer(did2).manifest == toc_manifest

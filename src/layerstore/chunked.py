@@ -157,7 +157,7 @@ class Located:
 
 def _parse_position(text: str, fields: int, what: str) -> list[int]:
     parts = text.split(":")
-    if len(parts) != fields or not all(p.isdigit() and len(p) <= 19 for p in parts):
+    if len(parts) != fields or not all(p.isascii() and p.isdigit() and len(p) <= 19 for p in parts):
         raise ChunkedError(f"annotation {what} {text!r} is not {fields} ':'-separated numbers")
     return [int(p) for p in parts]
 

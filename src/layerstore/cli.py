@@ -91,8 +91,17 @@ def init(c: Ctx) -> None:
     is_flag=True,
     help="zstd:chunked blobs: read only what the store lacks (TOC found by the footer).",
 )
+@click.option(
+    "--toc-only",
+    is_flag=True,
+    help="With --partial, older-variant blobs: skip the header frames (fewest bytes); the "
+    "layer is keyed by --diff-id, which cannot then be proved.",
+)
+@click.option("--diff-id", help="The layer's DiffID from its image config (sha256:...).")
 @click.pass_obj
-def import_(c: Ctx, sources: tuple[str, ...], partial: bool) -> None:
+def import_(
+    c: Ctx, sources: tuple[str, ...], partial: bool, toc_only: bool, diff_id: str | None
+) -> None:
     """Import layers from tar files (plain/gzip/zstd), directories, or - for stdin."""
     results = []
     with c.open(create=True) as st:
@@ -102,7 +111,9 @@ def import_(c: Ctx, sources: tuple[str, ...], partial: bool) -> None:
                 None if partial else total, "B", f"import {os.path.basename(src)}"
             ) as upd:
                 if partial:
-                    r = st.import_chunked(src, progress=upd)
+                    r = st.import_chunked(
+                        src, progress=upd, expected_diff_id=diff_id, toc_only=toc_only
+                    )
                 else:
                     r = st.import_path(src, progress=upd)
             results.append(r.to_json())
@@ -287,6 +298,12 @@ def export(c: Ctx, layer: str, output: str, chunked: bool) -> None:
     is_flag=True,
     help="Read zstd:chunked layers whole instead of only what the store lacks.",
 )
+@click.option(
+    "--toc-only",
+    is_flag=True,
+    help="zstd:chunked layers without tar-split: skip the header frames (podman's byte "
+    "count); their DiffIDs are then taken from the config, unproved.",
+)
 @click.pass_obj
 def import_oci(
     c: Ctx,
@@ -295,6 +312,7 @@ def import_oci(
     name: str | None,
     platform: str | None,
     no_partial: bool,
+    toc_only: bool,
 ) -> None:
     """Import an image from an OCI image layout directory (LAYOUT or LAYOUT:TAG)."""
     if ref is None and ":" in layout and not os.path.isdir(layout):
@@ -319,6 +337,7 @@ def import_oci(
             platform=platform,
             on_layer=on_layer,
             partial=not no_partial,
+            toc_only=toc_only,
         )
 
     def human() -> None:

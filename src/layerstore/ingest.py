@@ -398,12 +398,20 @@ class ImportHooks:
         """A staged file (in the importer's staging dir) holding this member's content."""
         return None
 
-    def finish(self) -> None:
-        """Called after the tar ends; raise if something expected never came."""
+    def finish(self, diff_id: bytes) -> None:
+        """Called after the tar ends, with its DiffID, before anything is published or
+        committed; raise to refuse the layer (something expected never came, or the DiffID is
+        not the one the image config names)."""
 
     def info(self) -> dict[str, Any]:
         """Extra fields for the layer record (and the result's ``partial``)."""
         return {}
+
+    def commit_as(self, diff_id: bytes) -> tuple[bytes, bool]:
+        """The DiffID to record and whether the tar-split is the layer's exact tar.  A TOC-only
+        partial import replays a tar *synthesized* from the TOC: it keys the layer by the
+        image config's (unverified) DiffID and keeps no tar-split (export then refuses)."""
+        return diff_id, True
 
 
 def run_import(
@@ -426,12 +434,15 @@ def run_import(
         result = _stream_phase(imp, blob)
         comp_digest, diff_id = blob.finish()  # whole blob read, integrity checked
         if hooks is not None:
-            hooks.finish()
+            hooks.finish(diff_id)  # before anything is published or committed
         if imp.tar_bytes != blob.total_out:
             raise StoreError(
                 f"internal error: the tar-split covers {imp.tar_bytes} bytes of a "
                 f"{blob.total_out}-byte tar; please report this"
             )
+        exact = True
+        if hooks is not None:
+            diff_id, exact = hooks.commit_as(diff_id)
         imp.publish()
         compression = hooks.compression if hooks is not None else blob.compression
         extra = hooks.info() if hooks is not None else {}
@@ -449,8 +460,8 @@ def run_import(
                 "compression": compression,
                 "source": source,
                 "replaces": imp.replaces,
-                "tarsplit": imp.tarsplit.hex(),
-                "tar_bytes": imp.tar_bytes,
+                "tarsplit": imp.tarsplit.hex() if exact else "",
+                "tar_bytes": imp.tar_bytes if exact else 0,
                 "standalone": not image_owned,
                 "images": 0,
                 **extra,

@@ -195,13 +195,15 @@ def import_layout(
     plat: str | None = None,
     on_layer: Callable[[int, int, dict[str, Any]], None] | None = None,
     partial: bool = True,
+    toc_only: bool = False,
 ) -> ImageResult:
     """Import the image ``ref`` (or the only image) of an OCI layout as image ``name``.
 
     ``on_layer(i, n, info)`` is called after each layer (the CLI's per-layer progress).
     ``partial``: zstd:chunked layers are read partially (only what the store lacks; the TOC is
     trusted by the checksum in the digest-verified manifest, and the replayed DiffID must equal
-    the config's); ``False`` reads and hashes every blob whole."""
+    the config's); ``False`` reads and hashes every blob whole.  ``toc_only``: older-variant
+    layers skip their header frames and are keyed by the config's DiffID, unproved."""
     t0 = time.monotonic()
     layout = _Layout(path)
     with open(os.path.join(layout.root, "index.json"), "rb") as f:
@@ -242,7 +244,9 @@ def import_layout(
                 raise InvalidInputError(f"layer {i} ({d['digest']}): size differs from manifest")
             ann = d.get("annotations")
             if partial and is_chunked(d):
-                r = store.import_chunked(blob, ann, expected_diff_id=want, image_owned=True)
+                r = store.import_chunked(
+                    blob, ann, expected_diff_id=want, image_owned=True, toc_only=toc_only
+                )
             else:
                 r = store.import_path(blob, image_owned=True)
                 if r.compressed_digest != d["digest"]:

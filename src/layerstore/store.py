@@ -596,6 +596,7 @@ class Store:
         platform: str | None = None,
         on_layer: Callable[[int, int, dict[str, Any]], None] | None = None,
         partial: bool = True,
+        toc_only: bool = False,
     ) -> Any:
         """Import an image from an OCI image layout or a ``docker save`` archive (see
         ``layerstore.oci``); ``on_layer`` reports each layer as it is done; ``partial``: read
@@ -605,7 +606,14 @@ class Store:
         if os.path.isfile(layout):  # a `docker save` archive
             return import_docker_archive(self, layout, name=name)
         return import_layout(
-            self, layout, ref=ref, name=name, plat=platform, on_layer=on_layer, partial=partial
+            self,
+            layout,
+            ref=ref,
+            name=name,
+            plat=platform,
+            on_layer=on_layer,
+            partial=partial,
+            toc_only=toc_only,
         )
 
     def export_oci(self, name: str, path: str, compression: str = "gzip") -> Any:
@@ -726,12 +734,15 @@ class Store:
         expected_diff_id: str | None = None,
         progress: Callable[[int], None] | None = None,
         image_owned: bool = False,
+        toc_only: bool = False,
     ) -> Any:
         """Partially import a zstd:chunked blob: read only what the store lacks.
 
         ``source`` is a path to a local blob or any :class:`layerstore.chunked.RangeSource`
         (e.g. an HTTP blob); ``annotations`` are the OCI descriptor's, which make the TOC
         trusted by checksum.  The result's ``partial`` reports bytes read vs the blob size.
+        ``toc_only`` reads no header frames (podman's byte count) at the price of an unproved
+        DiffID (see ``layerstore.partial.import_chunked``).
         """
         from .chunked import FileSource
         from .partial import import_chunked
@@ -746,6 +757,7 @@ class Store:
                     progress=progress,
                     source_name=f"file:{os.path.abspath(source)}",
                     image_owned=image_owned,
+                    toc_only=toc_only,
                 )
         return import_chunked(
             self,
@@ -754,6 +766,7 @@ class Store:
             expected_diff_id=expected_diff_id,
             progress=progress,
             image_owned=image_owned,
+            toc_only=toc_only,
         )
 
     def chunk_index(self, refs: list[str] | None = None) -> dict[str, int]:
