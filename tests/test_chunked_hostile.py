@@ -590,7 +590,7 @@ RANGE_CASES = {
     "chunk-gap": (_chunk_set(1, chunkOffset=10001), r"do not tile"),
     "chunk-overlap": (_chunk_set(2, chunkOffset=21000), r"do not tile"),
     "first-chunk-not-at-0": (_chunk_set(0, chunkOffset=5), r"first chunk not at 0"),
-    "chunk-zero-size": (_chunk_set(1, chunkSize=0), r"do not tile"),
+    "chunk-zero-size": (_chunk_set(1, chunkSize=0), r"chunk 1 has size 0"),
     "chunk-frames-reversed": (
         _chunk_set(1, offset=lambda b, e: e["offset"] + 100_000),
         r"chunk \d blob range is invalid",

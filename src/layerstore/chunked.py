@@ -308,13 +308,19 @@ class Toc:
     tarsplit_digest: str | None
 
 
-def _reject_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ChunkedError(f"the TOC repeats the key {k!r} in one object")
-        out[k] = v
-    return out
+def _reject_dups_in(what: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ChunkedError(f"the {what} repeats the key {k!r} in one object")
+            out[k] = v
+        return out
+
+    return hook
+
+
+_reject_dups = _reject_dups_in("TOC")
 
 
 def _int(e: dict[str, Any], key: str, name: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
@@ -448,7 +454,9 @@ def _close_file(te: TocEntry, last_end: int, data_limit: int) -> int:
         pos = 0
         for i, c in enumerate(te.chunks):
             nxt = te.chunks[i + 1].blob_offset if i + 1 < len(te.chunks) else te.end
-            if c.file_offset != pos or c.size <= 0:
+            if c.size <= 0:
+                raise ChunkedError(f"TOC entry {te.raw_name!r}: chunk {i} has size {c.size}")
+            if c.file_offset != pos:
                 raise ChunkedError(
                     f"TOC entry {te.raw_name!r}: chunks do not tile the file (chunk {i} at "
                     f"{c.file_offset}, expected {pos})"
@@ -483,7 +491,7 @@ def parse_tarsplit(raw: bytes) -> list[Segment]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line, object_pairs_hook=_reject_dups)
+            rec = json.loads(line, object_pairs_hook=_reject_dups_in("tar-split"))
         except ChunkedError:
             raise
         except (ValueError, UnicodeDecodeError) as exc:
