@@ -394,6 +394,9 @@ class ImportHooks:
     def check_member(self, m: TarMember, path: str) -> None:
         """Called for every tar member before it is used; raise to refuse the layer."""
 
+    def content_digest(self, path: str, b3: bytes) -> None:
+        """The blake3 the pipeline computed for a regular file's content (raise to refuse)."""
+
     def take_prestaged(self, path: str) -> str | None:
         """A staged file (in the importer's staging dir) holding this member's content."""
         return None
@@ -602,6 +605,8 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                         e.digest = imp.add_content(tar.read_exact(size, m.name))
                     else:
                         e.digest = imp.add_stream(tar, size)  # type: ignore[arg-type]
+                    if imp.hooks is not None and e.digest is not None:
+                        imp.hooks.content_digest(path, e.digest)
                 elif typ == b"2":
                     e.kind = SYMLINK
                     if not m.linkname:
