@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from conftest import LoopFS, gnu_tar, gnu_untar
 from treecmp import diff_trees
 
@@ -84,3 +85,35 @@ def test_objects_are_separate_inodes_after_reflink(loopfs: LoopFS, loopdir: Path
         os.chmod(target, 0o777)
         assert Path(st.object_path(e.digest)).read_bytes() == before
         assert os.stat(st.object_path(e.digest)).st_mode & 0o777 == 0o444
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_c_fast_path_and_python_path_agree(
+    loopfs: LoopFS, loopdir: Path, monkeypatch: pytest.MonkeyPatch, fast: str
+) -> None:
+    """The C fast path (materialize's per-file syscalls without the GIL) and the pure-Python
+    path build the same tree as tar -x, with the same clone methods, on a reflink fs."""
+    from test_roundtrip import build_tree
+
+    from layerstore import materialize
+
+    if fast == "1" and materialize._fastpath is None:
+        if os.environ.get("CI"):
+            raise AssertionError("the C fast path was not built (./dev installs gcc)")
+        pytest.skip("FAST-PATH TEST SKIPPED: layerstore._fastpath is not built (no compiler)")
+    monkeypatch.setenv("LAYERSTORE_FASTPATH", fast)
+    src = build_tree(loopdir / "src")
+    for i in range(150):  # enough files for several batches, some owned by others
+        f = src / "many" / f"f{i:03d}"
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(os.urandom(100 + i * 37))
+        os.chmod(f, 0o640 if i % 3 else 0o4711)
+        if os.geteuid() == 0 and i % 5 == 0:
+            os.chown(f, 1000 + i, 2000 + i)
+        os.utime(f, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_123_456_789 + i))
+    tarball = gnu_tar(src, loopdir / "src.tar")
+    with Store.init(str(loopdir / "store")) as st:
+        res = st.import_path(str(tarball))
+        m = st.materialize(res.diff_id, str(loopdir / "out"))
+        assert m.methods.get("reflink", 0) >= 150 and "copy" not in m.methods, m.methods
+        assert diff_trees(str(gnu_untar(tarball, loopdir / "tar-x")), str(loopdir / "out")) == []

@@ -37,6 +37,19 @@ from .fsutil import Cloner, CopyMethod, open_beneath, rename_noreplace, syncfs
 from .manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, read_manifest
 from .paths import parent
 
+try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
+    from . import _fastpath  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _fastpath = None
+# LAYERSTORE_FASTPATH=0 forces the pure-Python path (the tests compare both).
+_METHODS = {
+    1: CopyMethod.REFLINK,
+    2: CopyMethod.COPY_FILE_RANGE,
+    3: CopyMethod.COPY,
+    4: CopyMethod.INLINE,
+}
+_STAGES = {1: "create", 2: "open object", 3: "copy data", 4: "chown", 5: "chmod", 6: "times"}
+
 if TYPE_CHECKING:
     from .store import Store
 
@@ -236,8 +249,17 @@ class _Builder:
 
         Each parent directory is resolved once per run of siblings with openat2 (no symlink
         anywhere on the path); files are then created relative to it with O_CREAT|O_EXCL|
-        O_NOFOLLOW.  Method counts are merged once per batch, not per file.
+        O_NOFOLLOW.  Method counts are merged once per batch, not per file.  With the C fast
+        path the syscalls of the whole batch run without the GIL.
         """
+        if _fastpath is not None and os.environ.get("LAYERSTORE_FASTPATH", "1") != "0":
+            self._make_files_fast(batch)
+        else:
+            self._make_files_py(batch)
+        if self.progress is not None:
+            self.progress(len(batch))
+
+    def _make_files_py(self, batch: list[Entry]) -> None:
         counts: dict[CopyMethod, int] = {}
         pdir = ""
         pfd = -1
@@ -257,8 +279,78 @@ class _Builder:
                 os.close(pfd)
             for m, n in counts.items():
                 self.cloner.count(m, n)
-        if self.progress is not None:
-            self.progress(len(batch))
+
+    def _make_files_fast(self, batch: list[Entry]) -> None:
+        """The same as :meth:`_make_files_py`, the per-file syscalls done in C.  Entries
+        with xattrs (rare) and any file the C side reports a problem with go through the
+        Python path, which raises the same errors it always does."""
+        pfds: dict[str, int] = {}
+        counts: dict[CopyMethod, int] = {}
+        items: list[tuple[Any, ...]] = []
+        fast: list[Entry] = []
+        slow: list[Entry] = []
+        is_root, ids, umask = self.is_root, self.ids, self.umask
+        objects = self.store.objects_dir
+        try:
+            for e in batch:
+                if e.xattrs:
+                    slow.append(e)
+                    continue
+                par, _, name = e.path.rpartition("/")
+                par = par or "."
+                pfd = pfds.get(par)
+                if pfd is None:
+                    pfd = pfds[par] = self._open_parent(par, e.path)
+                perm = e.mode & 0o777
+                create_mode = perm if perm == e.mode and not perm & umask else 0o600
+                owner_changed = (e.uid, e.gid) != ids
+                if owner_changed and not is_root:
+                    self.skip("ownership")
+                if e.digest is not None and e.inline is None:
+                    h = e.digest.hex()
+                    src: bytes | None = f"{objects}/{h[:2]}/{h}".encode()
+                    inline = None
+                else:
+                    src, inline = None, e.inline or b""
+                items.append(
+                    (
+                        pfd,
+                        name.encode("utf-8", "surrogateescape"),
+                        src,
+                        e.size,
+                        create_mode,
+                        e.mode,
+                        e.uid,
+                        e.gid,
+                        e.mtime_ns,
+                        owner_changed and is_root,
+                        owner_changed or create_mode != e.mode,
+                        inline,
+                    )
+                )
+                fast.append(e)
+            c = self.cloner
+            results, c.reflink_ok, c.cfr_ok = _fastpath.run_batch(items, c.reflink_ok, c.cfr_ok)
+            for e, (method, err, stage) in zip(fast, results, strict=True):
+                if method:
+                    m = _METHODS[method]
+                    counts[m] = counts.get(m, 0) + 1
+                elif stage == 1 and err == errno.EEXIST:
+                    slow.append(e)  # replaced by a later entry: the Python path clears it
+                elif stage == 2 and err == errno.ENOENT:
+                    raise CorruptObjectError(
+                        f"object {e.digest.hex() if e.digest else '?'} for {e.path!r} is "
+                        "missing from the store; run `layerstore fsck --repair`"
+                    )
+                else:
+                    raise OSError(err, f"{os.strerror(err)} ({_STAGES.get(stage, stage)})", e.path)
+        finally:
+            for fd in pfds.values():
+                os.close(fd)
+            for m, n in counts.items():
+                self.cloner.count(m, n)
+        if slow:
+            self._make_files_py(slow)
 
     def _open_parent(self, par: str, path: str) -> int:
         try:
