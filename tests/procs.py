@@ -66,16 +66,27 @@ def cmd_loop(store: str, op: str, arg: str, dest_base: str) -> None:
     ``import``: import each tar of directory ``arg`` in turn, report it, remove it, report that.
     ``materialize``: materialize layer ``arg`` again and again under ``dest_base``.
     ``gc``: import a tar, remove it, gc -- so gc always has garbage to collect.
+    ``partial``: like ``import``, from the zstd:chunked blob ``NAME.zst`` beside each tar.
     """
     st = Store(store)
     say(event="ready")
-    tars = sorted(os.path.join(arg, t) for t in os.listdir(arg)) if op != "materialize" else []
+    tars = (
+        sorted(os.path.join(arg, t) for t in os.listdir(arg) if t.endswith(".tar"))
+        if op != "materialize"
+        else []
+    )
     i = 0
     while True:
         i += 1
         if op == "import":
             t = tars[i % len(tars)]
             r = st.import_path(t)
+            say(event="imported", diff_id=r.diff_id, tar=t)
+            st.remove(r.diff_id)
+            say(event="removed", diff_id=r.diff_id)
+        elif op == "partial":
+            t = tars[i % len(tars)]
+            r = st.import_chunked(t[:-4] + ".zst")
             say(event="imported", diff_id=r.diff_id, tar=t)
             st.remove(r.diff_id)
             say(event="removed", diff_id=r.diff_id)

@@ -5,7 +5,8 @@ files, dead pins, stale staging) -- never a reference to a missing object or a w
 every layer whose import had returned (and was not yet removed) is intact; and the next gc
 leaves a store on which a full fsck is clean.
 
-The default suite kills 100 times (25 per operation); LAYERSTORE_SLOW=1 makes it 400.  The
+The default suite kills 125 times (25 per operation, import twice: it covers remove too; 25
+zstd:chunked partial imports); LAYERSTORE_SLOW=1 makes it 500.  The
 random points come from a seeded generator; the seed is printed on failure.
 """
 
@@ -91,8 +92,22 @@ def _check_consistent(st: Store, where: str) -> int:
     return len(rep.problems)
 
 
-@pytest.mark.parametrize("op", ["import", "materialize", "gc"])
-def test_kill_minus_9_at_random_points(op: str, tars: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def chunked(tars: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tars, each beside its zstd:chunked blob (written by layerstore's writer)."""
+    out = tmp_path_factory.mktemp("chunked")
+    with Store.init(str(out / "writer")) as w:
+        for t in sorted(tars.glob("*.tar")):
+            (out / t.name).write_bytes(t.read_bytes())
+            r = w.import_path(str(t))
+            with open(out / (t.stem + ".zst"), "wb") as f:
+                w.export_chunked(r.diff_id, f)
+    return out
+
+
+@pytest.mark.parametrize("op", ["import", "materialize", "gc", "partial"])
+def test_kill_minus_9_at_random_points(op: str, tars: Path, chunked: Path, tmp_path: Path) -> None:
+    """``partial``: zstd:chunked partial imports reusing the base layer's files (pinned)."""
     rnd = random.Random(f"{SEED}-{op}")
     kills = KILLS_PER_OP * (2 if op == "import" else 1)  # import covers import *and* remove
     root = str(tmp_path / "store")
@@ -102,7 +117,7 @@ def test_kill_minus_9_at_random_points(op: str, tars: Path, tmp_path: Path) -> N
     expected = gnu_untar(base_tar, tmp_path / "expected")
     dests = tmp_path / "dests"
     dests.mkdir()
-    arg = base.diff_id if op == "materialize" else str(tars)
+    arg = base.diff_id if op == "materialize" else str(chunked if op == "partial" else tars)
     mid_op = 0  # kills that demonstrably interrupted an operation (left leftovers behind)
     for i in range(kills):
         delay = rnd.uniform(0.0, 0.6)
