@@ -82,12 +82,14 @@ def cmd_loop(store: str, op: str, arg: str, dest_base: str) -> None:
             t = tars[i % len(tars)]
             r = st.import_path(t)
             say(event="imported", diff_id=r.diff_id, tar=t)
+            say(event="removing", diff_id=r.diff_id)  # a kill may land after its commit
             st.remove(r.diff_id)
             say(event="removed", diff_id=r.diff_id)
         elif op == "partial":
             t = tars[i % len(tars)]
             r = st.import_chunked(t[:-4] + ".zst")
             say(event="imported", diff_id=r.diff_id, tar=t)
+            say(event="removing", diff_id=r.diff_id)
             st.remove(r.diff_id)
             say(event="removed", diff_id=r.diff_id)
         elif op == "materialize":
