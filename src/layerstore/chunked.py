@@ -44,6 +44,19 @@ TARSPLIT_MAX: Final = 150 << 20
 TOC_ENTRIES_MAX: Final = 50_000_000
 _SHA_RE: Final = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _TYPES: Final = frozenset({"reg", "hardlink", "symlink", "dir", "char", "block", "fifo", "chunk"})
+# tar typeflag <-> TOC type (the TOC never lists PAX/GNU metadata headers or sparse entries)
+TAR_TYPES: Final = {
+    b"0": "reg",
+    b"\0": "reg",
+    b"7": "reg",
+    b"1": "hardlink",
+    b"2": "symlink",
+    b"3": "char",
+    b"4": "block",
+    b"5": "dir",
+    b"6": "fifo",
+}
+TYPEFLAG: Final = {t: f for f, t in TAR_TYPES.items() if f not in (b"\0", b"7")}
 
 
 class ChunkedError(InvalidInputError):

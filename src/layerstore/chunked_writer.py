@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import zstandard
 
-from .chunked import FOOTER_MAGIC_NEW, PREFIX_NEW, SKIPPABLE_MAGIC
+from .chunked import FOOTER_MAGIC_NEW, PREFIX_NEW, SKIPPABLE_MAGIC, TAR_TYPES
 from .chunker import chunk_file, crc64_iso, tarsplit_crc_payload
 from .errors import InvalidInputError
 from .tarstream import TarMember, TarReader
@@ -43,17 +43,6 @@ if TYPE_CHECKING:
 _SPOOL: Final = 64 << 20
 _PIECE: Final = 1 << 20
 _LEVEL: Final = 3
-_TYPES: Final = {
-    b"0": "reg",
-    b"\0": "reg",
-    b"7": "reg",
-    b"1": "hardlink",
-    b"2": "symlink",
-    b"3": "char",
-    b"4": "block",
-    b"5": "dir",
-    b"6": "fifo",
-}
 
 
 @dataclass
@@ -248,7 +237,7 @@ def _write(tar_stream: BinaryIO, dest: BinaryIO) -> ChunkedBlob:
 
 
 def _toc_entry(m: TarMember) -> dict[str, Any]:
-    typ = _TYPES.get(m.type)
+    typ = TAR_TYPES.get(m.type)
     if typ is None:
         raise InvalidInputError(f"{m.name!r} has tar type {m.type!r}, which a TOC cannot list")
     e: dict[str, Any] = {"type": typ, "name": m.name}

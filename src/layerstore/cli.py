@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 from tqdm import tqdm
@@ -129,6 +129,21 @@ def import_(
                 )
     if c.json:
         click.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
+
+
+@contextmanager
+def _atomic_output(path: str) -> Iterator[BinaryIO]:
+    """Write to a temporary name beside ``path``; rename only if everything succeeded (an
+    export verifies its DiffID at the very end)."""
+    tmp = f"{path}.layerstore-tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.rename(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _partial_line(p: dict[str, Any]) -> str:
@@ -252,15 +267,8 @@ def export(c: Ctx, layer: str, output: str, chunked: bool) -> None:
         if chunked:
             if output == "-":
                 raise click.UsageError("--zstd-chunked needs -o FILE")
-            tmp = f"{output}.layerstore-tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    blob = st.export_chunked(info.diff_id, f)
-                os.rename(tmp, output)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with _atomic_output(output) as f:
+                blob = st.export_chunked(info.diff_id, f)
             c.out(
                 {"output": output, **blob.to_json()},
                 lambda: click.echo(
@@ -273,15 +281,8 @@ def export(c: Ctx, layer: str, output: str, chunked: bool) -> None:
         if output == "-":
             n = st.export_layer(info.diff_id, sys.stdout.buffer)
             return
-        tmp = f"{output}.layerstore-tmp"
-        try:
-            with open(tmp, "wb") as f, c.progress(info.bytes, "B", "export") as upd:
-                n = st.export_layer(info.diff_id, f, progress=upd)
-            os.rename(tmp, output)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _atomic_output(output) as f, c.progress(info.bytes, "B", "export") as upd:
+            n = st.export_layer(info.diff_id, f, progress=upd)
     c.out(
         {"diff_id": info.diff_id, "output": output, "bytes": n},
         lambda: click.echo(f"{output}: {n} bytes, sha256 verified = {info.diff_id}"),

@@ -104,6 +104,33 @@ class ImportResult:
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @staticmethod
+    def stored(diff_id: bytes, rec: dict[str, Any], compressed: str = "") -> ImportResult:
+        """The result of an import that found its layer already stored (nothing read)."""
+        return ImportResult(
+            diff_id="sha256:" + diff_id.hex(),
+            compressed_digest=compressed,
+            compression=rec.get("compression", ""),
+            manifest=rec["manifest"],
+            entries=rec["entries"],
+            files=rec["files"],
+            logical_bytes=rec["bytes"],
+            already_present=True,
+        )
+
+
+def _hash_stream(f: BinaryIO, size: int, h: DualHasher, out: BinaryIO | None) -> None:
+    """Read ``size`` bytes of a member's content, hashing (and copying to ``out``)."""
+    left = size
+    while left:
+        buf = f.read(min(_READ, left))
+        if not buf:
+            raise InvalidInputError("tar stream ends inside a file's data (truncated)")
+        h.update(buf)
+        if out is not None:
+            out.write(buf)
+        left -= len(buf)
+
 
 class _Importer:
     def __init__(self, store: Store, progress: Callable[[int], None] | None) -> None:
@@ -223,14 +250,7 @@ class _Importer:
         tmp = os.path.join(self.obj_stage, f"stream-{time.monotonic_ns()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         with open(fd, "wb") as out:  # objects are read-only from birth
-            left = size
-            while left:
-                buf = f.read(min(_READ, left))
-                if not buf:
-                    raise InvalidInputError("tar stream ends inside a file's data (truncated)")
-                h.update(buf)
-                out.write(buf)
-                left -= len(buf)
+            _hash_stream(f, size, h, out)
         return self._adopt(tmp, h.blake3(), h.sha256(), size)
 
     def add_prestaged(self, f: BinaryIO, size: int, staged: str) -> bytes:
@@ -238,13 +258,7 @@ class _Importer:
         it holds and adopt the staged file instead of writing a copy (its cloned extents
         stay shared)."""
         h = DualHasher(size)
-        left = size
-        while left:
-            buf = f.read(min(_READ, left))
-            if not buf:
-                raise InvalidInputError("tar stream ends inside a file's data (truncated)")
-            h.update(buf)
-            left -= len(buf)
+        _hash_stream(f, size, h, None)
         return self._adopt(staged, h.blake3(), h.sha256(), size)
 
     def _adopt(self, tmp: str, b3: bytes, sha: bytes, size: int) -> bytes:
@@ -522,17 +536,9 @@ def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
         rec = idx.get_layer(txn, bytes(diff_id)) if diff_id is not None else None
     if rec is None or rec.get("state") != "live" or rec.get("damaged"):
         return None
-    return ImportResult(
-        diff_id="sha256:" + bytes(diff_id).hex(),
-        compressed_digest="sha256:" + comp.hex(),
-        compression=rec.get("compression", ""),
-        manifest=rec["manifest"],
-        entries=rec["entries"],
-        files=rec["files"],
-        logical_bytes=rec["bytes"],
-        already_present=True,
-        stats={"shortcut": 1},  # recognised by its compressed digest
-    )
+    result = ImportResult.stored(bytes(diff_id), rec, "sha256:" + comp.hex())
+    result.stats = {"shortcut": 1}  # recognised by its compressed digest
+    return result
 
 
 def _check_ranges(m: TarMember) -> None:

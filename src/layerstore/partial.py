@@ -40,6 +40,8 @@ import zstandard
 
 from . import chunkindex, leases
 from .chunked import (
+    TAR_TYPES,
+    TYPEFLAG,
     ChunkedError,
     ChunkRef,
     Located,
@@ -67,17 +69,6 @@ _PIECE: Final = 1 << 20
 # A header gap may expand at most this much (zstd bombs between payload frames).
 _GAP_RATIO: Final = 256
 _GAP_SLACK: Final = 1 << 20
-_TAR_TYPES: Final = {
-    b"0": "reg",
-    b"\0": "reg",
-    b"7": "reg",
-    b"1": "hardlink",
-    b"2": "symlink",
-    b"3": "char",
-    b"4": "block",
-    b"5": "dir",
-    b"6": "fifo",
-}
 
 
 @dataclass(slots=True)
@@ -502,7 +493,7 @@ class _Partial(ImportHooks):
                 f"tar entry {m.name!r} is sparse, which a zstd:chunked TOC cannot describe; "
                 "import this blob whole"
             )
-        typ = _TAR_TYPES.get(m.type, "?")
+        typ = TAR_TYPES.get(m.type, "?")
         problems = []
         if e.name != path:
             problems.append(f"name {e.raw_name!r}")
@@ -609,17 +600,6 @@ class _ChunkVerifier:
             raise ChunkedError(f"{self.e.raw_name!r} ended inside a chunk")
 
 
-_TYPEFLAG: Final = {
-    "reg": b"0",
-    "hardlink": b"1",
-    "symlink": b"2",
-    "char": b"3",
-    "block": b"4",
-    "dir": b"5",
-    "fifo": b"6",
-}
-
-
 def _pax_record(key: str, value: bytes) -> bytes:
     body = b" " + key.encode("utf-8", "surrogateescape") + b"=" + value + b"\n"
     n = len(body) + 1
@@ -671,7 +651,7 @@ def _header(e: TocEntry) -> bytes:
         recs.append(_pax_record("SCHILY.xattr." + k, v))
     data = b"".join(recs)
     pax = _block(b"PaxHeader", b"x", len(data), None) + data + bytes(-len(data) % 512)
-    return pax + _block(e.raw_name.encode("utf-8", "surrogateescape"), _TYPEFLAG[e.type], size, e)
+    return pax + _block(e.raw_name.encode("utf-8", "surrogateescape"), TYPEFLAG[e.type], size, e)
 
 
 def _time_ns(text: str) -> int:
@@ -839,16 +819,7 @@ def _known_layer(store: Store, diff_id: str, image_owned: bool) -> ImportResult 
         return None
     if not image_owned:
         store._mark_standalone(key)
-    return ImportResult(
-        diff_id=diff_id,
-        compressed_digest="",
-        compression=rec.get("compression", ""),
-        manifest=rec["manifest"],
-        entries=rec["entries"],
-        files=rec["files"],
-        logical_bytes=rec["bytes"],
-        already_present=True,
-    )
+    return ImportResult.stored(key, rec)
 
 
 __all__ = ["PartialStats", "import_chunked"]
