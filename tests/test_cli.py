@@ -106,3 +106,18 @@ def test_zstd_chunked_export_and_partial_import(tmp_path: Path, tarball: Path) -
     # not a zstd:chunked blob: a clear error and exit code 2
     bad = cli(b, "import", "--partial", str(tarball))
     assert bad.returncode == 2 and b"no zstd:chunked footer" in bad.stderr
+
+
+def test_the_readme_main_job_runs(tmp_path: Path) -> None:
+    """`./dev demo` runs tools/demo.py: the README's main job, end to end, must succeed."""
+    demo = Path(__file__).parent.parent / "tools" / "demo.py"
+    p = subprocess.run(
+        [sys.executable, str(demo), "--store", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "verified against the source: OK" in p.stdout
+    assert "skipped 9" in p.stdout  # the partial pull read almost nothing
+    assert "0 problems" in p.stdout

@@ -5,8 +5,9 @@
 Imports this Python's standard library (real files, present wherever this runs) as a gzip
 layer, a second version of it with a few files changed as a directory layer (dedup: only the
 changed files are new), re-imports the first (already stored), materializes it by reflink (or
-the copy fallback, reported) and verifies the tree file by file against its source, removes the
-second version and runs gc, then prints what the store holds and runs fsck.  Everything goes
+the copy fallback, reported) and verifies the tree file by file against its source, writes the
+second version as a zstd:chunked blob, removes it and runs gc, pulls it back from the blob
+partially (only the changed files are read), then prints what the store holds and runs fsck.  Everything goes
 through the ``layerstore`` CLI, as a user would run it.
 """
 
@@ -86,9 +87,21 @@ def main() -> None:
         print(f"  materialized {m['files']} files in {m['seconds']:.2f}s via {m['methods']}")
         bad = same_tree(v1, dest)
         print(f"  verified against the source: {'OK' if not bad else f'{len(bad)} differ'}")
+        # zstd:chunked: write v2 as a chunked blob, drop it, then pull it back partially --
+        # only what the store lacks (v2's changed files) is read from the blob.
+        blob = os.path.join(tmp, "v2.zst")
+        run(store, "export", b["diff_id"], "--zstd-chunked", "-o", blob)
         run(store, "rm", b["diff_id"])
         g = run(store, "gc")
         print(f"  removed v2; gc freed {g['objects_freed']} objects ({g['bytes_freed']} bytes)")
+        p = run(store, "import", "--partial", blob)["partial"]
+        print(
+            f"  v2 back from its zstd:chunked blob: read {p['bytes_read']:,} of "
+            f"{p['blob_size']:,} bytes (skipped {p['skipped_pct']}%), "
+            f"DiffID by {p['diff_id_proof']}"
+        )
+        run(store, "rm", b["diff_id"])
+        run(store, "gc")
     du = run(store, "du")
     print(
         f"\nlogical {du['logical_bytes']:,} bytes in {du['layers']} layers; physical "
