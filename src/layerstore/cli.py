@@ -89,7 +89,8 @@ def init(c: Ctx) -> None:
 @click.option(
     "--partial",
     is_flag=True,
-    help="zstd:chunked blobs: read only what the store lacks (TOC found by the footer).",
+    help="zstd:chunked blobs (files or http(s) blob URLs, read with range requests): read "
+    "only what the store lacks (TOC found by the footer).",
 )
 @click.option(
     "--toc-only",
@@ -107,6 +108,11 @@ def import_(
     with c.open(create=True) as st:
         for src in sources:
             total = os.path.getsize(src) if src != "-" and os.path.isfile(src) else None
+            if partial and src.startswith(("http://", "https://")):
+                from .httpsource import HttpSource
+
+                with HttpSource(src) as hs:
+                    total = hs.size()
             with c.progress(
                 None if partial else total, "B", f"import {os.path.basename(src)}"
             ) as upd:

@@ -738,15 +738,31 @@ class Store:
     ) -> Any:
         """Partially import a zstd:chunked blob: read only what the store lacks.
 
-        ``source`` is a path to a local blob or any :class:`layerstore.chunked.RangeSource`
-        (e.g. an HTTP blob); ``annotations`` are the OCI descriptor's, which make the TOC
-        trusted by checksum.  The result's ``partial`` reports bytes read vs the blob size.
+        ``source`` is a path to a local blob, an http(s) URL of a blob (read with range
+        requests, :class:`layerstore.httpsource.HttpSource`), or any
+        :class:`layerstore.chunked.RangeSource`; ``annotations`` are the OCI descriptor's,
+        which make the TOC trusted by checksum.  The result's ``partial`` reports bytes read
+        vs the blob size.
         ``toc_only`` reads no header frames (podman's byte count) at the price of an unproved
         DiffID (see ``layerstore.partial.import_chunked``).
         """
         from .chunked import FileSource
         from .partial import import_chunked
 
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            from .httpsource import HttpSource
+
+            with HttpSource(source) as src:
+                return import_chunked(
+                    self,
+                    src,
+                    annotations,
+                    expected_diff_id=expected_diff_id,
+                    progress=progress,
+                    source_name=source,
+                    image_owned=image_owned,
+                    toc_only=toc_only,
+                )
         if isinstance(source, str | os.PathLike):
             with FileSource(os.fspath(source)) as src:
                 return import_chunked(
