@@ -109,6 +109,49 @@ def ours(root: Path, repeat: int) -> dict[str, Any]:
     }
 
 
+def ours_http(root: Path, repeat: int) -> dict[str, Any]:
+    """The partial import of v2 over HTTP range requests from a local docker-registry (v2
+    pushed by skopeo, as for podman), v1 imported from its layout first."""
+    import podman_partial
+
+    from layerstore.httpsource import HttpSource
+
+    l1 = corpus.buildah_chunked_layout(1)
+    l2 = corpus.buildah_chunked_layout(2)
+    b1, ann1, did1, _ = _layer(l1, "v1")
+    b2, ann2, did2, size2 = _layer(l2, "v2")
+    digest = "sha256:" + b2.name
+    out: dict[str, Any] = {"samples": {}, "blob_size": size2}
+    with podman_partial.registry(root / "registry") as port:
+        podman_partial.push(
+            f"oci:{l2}:v2", f"docker://127.0.0.1:{port}/bench/img:v2", root, root / "log", l2
+        )
+        url = f"http://127.0.0.1:{port}/v2/bench/img/blobs/{digest}"
+        for mode in ("partial", "toc_only"):
+            samples = []
+            for i in range(repeat):
+                store = root / f"h-{mode}-{i}"
+                with Store.init(str(store)) as st:
+                    st.import_chunked(
+                        str(b1), ann1, expected_diff_id=did1, toc_only=mode == "toc_only"
+                    )
+                    with HttpSource(url) as src:
+                        t0 = time.perf_counter()
+                        r = st.import_chunked(
+                            src, ann2, expected_diff_id=did2, toc_only=mode == "toc_only"
+                        )
+                        samples.append(time.perf_counter() - t0)
+                        out[mode] = {
+                            **r.partial,
+                            "requests": src.requests,
+                            "wire_bytes": src.wire_bytes,
+                        }
+                shutil.rmtree(store)
+            out["samples"][mode] = samples
+            out[mode]["seconds"] = statistics.median(samples)
+    return out
+
+
 def chunk_index_gain(root: Path) -> dict[str, Any]:
     """v1 imported from its plain tar: what chunking it costs and what it saves for v2."""
     tar = corpus.minbase_tar()
@@ -151,10 +194,20 @@ def markdown(res: dict[str, Any]) -> str:
         f"{bench.fmt_bytes(o['toc_only_counted'])} | "
         f"{100 * o['toc_only_counted'] / o['blob_size']:.2f}% | {o['seconds']['toc_only']:.2f} s |",
     ]
+    h = res.get("http")
+    if h:
+        for mode, label in (("partial", ""), ("toc_only", ", `--toc-only`")):
+            lines.append(
+                f"| layerstore partial import over HTTP (local registry){label} | "
+                f"{bench.fmt_bytes(h[mode]['wire_bytes'])} on the wire "
+                f"({bench.fmt_bytes(h[mode]['bytes_read'])} content) | "
+                f"{100 * h[mode]['wire_bytes'] / h['blob_size']:.2f}% | "
+                f"{h[mode]['seconds']:.2f} s ({h[mode]['requests']} requests) |"
+            )
     if pod:
         pp = pod["pairs"]["buildah"]
         lines.append(
-            f"| podman 4.3 partial pull (local registry) | "
+            f"| podman 4.3 partial pull (local registry; bytes on the wire) | "
             f"{bench.fmt_bytes(pp['v2_layer_bytes_fetched'])} | "
             f"{100 * pp['v2_fetched_fraction']:.2f}% | {pp['v2_pull_seconds']:.2f} s |"
         )
@@ -208,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         res["ours"] = ours(ws.path, args.repeat)
         bench.log(f"ours: {json.dumps(res['ours']['seconds'])}")
         res["chunk_index"] = chunk_index_gain(ws.path)
+        if not args.no_podman:  # the registry comes with the podman side's tools
+            res["http"] = ours_http(ws.path, args.repeat)
     if not args.no_podman:
         import podman_partial
 

@@ -10,6 +10,9 @@ knows where those chunks are.  Two things fill the index (the LMDB ``chunks`` da
   podman/buildah/skopeo-written TOC finds them.  An object is chunked once; a marker key
   ``b"o" + blake3`` records that (33 bytes, so it can never collide with a 32-byte chunk key).
 
+A third kind of key, ``b"i" + sha256``, holds the content of files small enough to be inline in
+manifests (<= 64 bytes), which the sha256 alias table cannot find because they are no objects.
+
 It is a *hint* index, maintained outside the commit of the layer: an entry may outlive its
 object (gc does not chase chunk entries), so every use re-checks that the object exists, is not
 doomed, and holds bytes with the chunk's sha256.  A stale entry costs a lookup, never
@@ -35,6 +38,7 @@ VALUE: Final = struct.Struct("<32sQQ")  # blake3 of the object, offset, length
 # chunker's fixed per-file cost (~35 us) would dominate.
 MIN_SIZE: Final = 4096
 _MARK: Final = b"o"
+_TINY: Final = b"i"  # b"i" + sha256 -> the content of a file small enough to be inline
 _SLICE: Final = 256  # objects chunked per write transaction
 
 
@@ -63,6 +67,22 @@ def record_toc(store: Store, entries: Iterable[TocEntry]) -> int:
                     n += 1
             txn.put(_MARK + b3, b"", db=chunkdb)
     return n
+
+
+def record_tiny(store: Store, contents: dict[bytes, bytes]) -> None:
+    """Remember inline files' contents by sha256 (they are no objects, so the sha256 alias
+    table cannot find them): a partial import then fetches no range for a tiny file the store
+    has seen (minbase has ~100; each would otherwise cost a range and its framing)."""
+    idx = store.index
+    db = idx.db[b"chunks"]
+    with idx.write() as txn:
+        for sha, data in contents.items():
+            txn.put(_TINY + sha, data, db=db, overwrite=False)
+
+
+def lookup_tiny(txn: object, db: object, sha: bytes) -> bytes | None:
+    v = txn.get(_TINY + sha, db=db)  # type: ignore[attr-defined]
+    return None if v is None else bytes(v)
 
 
 def _chunk_object(path: str, size: int) -> list[Chunk] | None:
@@ -126,4 +146,4 @@ def index_layer(store: Store, manifest_b3: bytes, workers: int = 1) -> dict[str,
     return stats
 
 
-__all__ = ["MIN_SIZE", "VALUE", "index_layer", "lookup", "record_toc"]
+__all__ = ["MIN_SIZE", "VALUE", "index_layer", "lookup", "lookup_tiny", "record_tiny", "record_toc"]

@@ -77,6 +77,7 @@ _READ = 1 << 20
 _U32: Final = (1 << 32) - 1
 _I64_MIN: Final = -(1 << 63)
 _I64_MAX: Final = (1 << 63) - 1
+_TINY_MAX: Final = 100_000  # inline contents remembered per import (<= 6.4 MB)
 
 
 # -- the import ------------------------------------------------------------------------------
@@ -161,6 +162,8 @@ class _Importer:
         self.tarsplit = b""
         self.tar_bytes = 0
         self.hooks: ImportHooks | None = None
+        # Inline files' contents by sha256, for zstd:chunked reuse (chunkindex.record_tiny).
+        self.tiny: dict[bytes, bytes] = {}
 
     # staging -----------------------------------------------------------------------------
     def _fan_dir(self, b3: bytes) -> str:
@@ -486,6 +489,10 @@ def run_import(
             imp.pinned,
         )
         result.already_present = present
+        if imp.tiny:
+            from .chunkindex import record_tiny
+
+            record_tiny(store, imp.tiny)
         if not present and hooks is None and store.index_chunks:
             # Plain tar: cut its new objects as containers/storage would, so later
             # zstd:chunked pulls find their chunks (a hint index; after the commit).
@@ -605,6 +612,8 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     if size <= INLINE_MAX:
                         e.inline = tar.read_exact(size, m.name) if size else b""
                         imp.inline += 1
+                        if size and len(imp.tiny) < _TINY_MAX:
+                            imp.tiny[sha256_of(e.inline)] = e.inline
                     elif imp.hooks is not None and (pre := imp.hooks.take_prestaged(path)):
                         e.digest = imp.add_prestaged(tar, size, pre)  # type: ignore[arg-type]
                     elif size <= MEM_MAX:

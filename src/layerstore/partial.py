@@ -89,6 +89,7 @@ class _Plan:
     parts: list[_Part] = field(default_factory=list)
     staged: str = ""
     chunks_known: bool = False  # object plan: its chunk digests are indexed for this object
+    data: bytes = b""  # inline plan: the content, known by its sha256
 
 
 @dataclass
@@ -238,6 +239,13 @@ class _Partial(ImportHooks):
                 if e.type != "reg" or not e.size:
                     continue
                 plan = _Plan(e, "fetch")
+                if e.size <= INLINE_MAX:
+                    tiny = chunkindex.lookup_tiny(txn, chunkdb, e.digest)
+                    if tiny is not None and len(tiny) == e.size:
+                        plan.kind, plan.data = "inline", tiny
+                        self.plans[e.name] = plan
+                        self.order.append(plan)
+                        continue
                 b3 = txn.get(e.digest, db=shadb)
                 if b3 is not None and usable(bytes(b3)):
                     rec = idx.get_object(txn, bytes(b3))
@@ -278,7 +286,7 @@ class _Partial(ImportHooks):
             leases.pin_objects(idx, txn, lease, self.pins)
         st = self.stats
         for p in self.order:
-            if p.kind == "object":
+            if p.kind in ("object", "inline"):
                 st.files_reused += 1
             elif p.kind == "assemble":
                 st.files_assembled += 1
@@ -377,7 +385,9 @@ class _Partial(ImportHooks):
     def _content(self, plan: _Plan) -> Iterator[bytes]:
         """A file's bytes, verified against the TOC before the last piece is handed on."""
         e = plan.entry
-        if plan.kind == "object":
+        if plan.kind == "inline":
+            gen = iter((plan.data,))
+        elif plan.kind == "object":
             gen = self._read_file(self.store.object_path(plan.b3), e.size)
         elif plan.kind == "assemble":
             self._assemble(plan)
