@@ -358,3 +358,24 @@ def test_toc_only_reads_fewer_bytes_and_says_the_diff_id_is_unproved(tmp_path: P
     with Store.init(str(tmp_path / "full")) as full:
         assert full.import_path(str(b2)).diff_id == did2
         assert full.layer(did2).manifest == toc_manifest
+
+
+def test_tiny_files_are_reused_without_a_range(tmp_path: Path) -> None:
+    """Files of <= 64 bytes live inline in manifests (no object); the chunk index keeps their
+    contents by sha256 so a partial import does not fetch a range for each of them."""
+    t1, t2 = tmp_path / "t1", tmp_path / "t2"
+    for t in (t1, t2):
+        t.mkdir()
+        for i in range(30):
+            (t / f"tiny{i}").write_bytes(f"tiny file number {i}\n".encode())
+    (t2 / "new-tiny").write_bytes(b"only in v2\n")
+    with Store.init(str(tmp_path / "w")) as w:
+        r2 = w.import_path(str(t2))
+        with open(tmp_path / "v2.zst", "wb") as f:
+            blob = w.export_chunked(r2.diff_id, f)
+    with Store.init(str(tmp_path / "s")) as st:
+        st.import_path(str(t1))  # a plain import: the tiny contents are remembered
+        r = st.import_chunked(str(tmp_path / "v2.zst"), blob.annotations)
+        assert r.diff_id == r2.diff_id and r.manifest == r2.manifest
+        assert r.partial["files_fetched"] == 1, r.partial  # only new-tiny
+        assert r.partial["files_reused"] == 30
