@@ -379,3 +379,35 @@ def test_tiny_files_are_reused_without_a_range(tmp_path: Path) -> None:
         assert r.diff_id == r2.diff_id and r.manifest == r2.manifest
         assert r.partial["files_fetched"] == 1, r.partial  # only new-tiny
         assert r.partial["files_reused"] == 30
+
+
+def test_gc_drops_chunk_hints_of_collected_objects(tmp_path: Path) -> None:
+    """The chunk index is a hint, but it must not grow forever: gc drops entries whose object
+    it collected, and keeps those of live objects."""
+    b1, b2, _v1, _v2, ann = _two_versions(tmp_path)
+    with Store.init(str(tmp_path / "s")) as st:
+        x = st.import_chunked(str(b1))
+        y = st.import_chunked(str(b2), ann)
+        db = st.index.db[b"chunks"]
+
+        def hints() -> int:
+            with st.index.read() as txn:
+                return sum(1 for k in txn.cursor(db=db).iternext(values=False) if len(k) == 32)
+
+        before = hints()
+        assert before >= 100
+        assert st.gc().chunk_hints_dropped == 0  # everything still live
+        st.remove(x.diff_id)
+        g = st.gc()
+        assert g.objects_freed >= 1 and g.chunk_hints_dropped > 0
+        after = hints()
+        assert 0 < after < before
+        # what is left points at live objects only, and still serves a partial import
+        with st.index.read() as txn:
+            for k, v in txn.cursor(db=db):
+                if len(k) == 32:
+                    assert txn.get(bytes(v)[:32], db=st.index.db[b"objects"]) is not None
+        st.remove(y.diff_id)
+        st.gc()
+        assert hints() == 0
+        assert st.fsck().exit_code == 0

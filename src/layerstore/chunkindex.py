@@ -13,6 +13,10 @@ knows where those chunks are.  Two things fill the index (the LMDB ``chunks`` da
 A third kind of key, ``b"i" + sha256``, holds the content of files small enough to be inline in
 manifests (<= 64 bytes), which the sha256 alias table cannot find because they are no objects.
 
+One location per chunk, the most recently imported one ("latest wins": newer layers tend to
+outlive older ones).  gc drops entries whose object it collected (:func:`sweep`); a chunk also
+held by an older, surviving object is then unknown until content holding it is imported again.
+
 It is a *hint* index, maintained outside the commit of the layer: an entry may outlive its
 object (gc does not chase chunk entries), so every use re-checks that the object exists, is not
 doomed, and holds bytes with the chunk's sha256.  A stale entry costs a lookup, never
@@ -61,9 +65,8 @@ def record_toc(store: Store, entries: Iterable[TocEntry]) -> int:
                 continue
             b3 = bytes(b3)
             for c in e.chunks:
-                if not c.zeros and txn.put(
-                    c.digest, VALUE.pack(b3, c.file_offset, c.size), db=chunkdb, overwrite=False
-                ):
+                if not c.zeros:  # latest wins: see the module docstring
+                    txn.put(c.digest, VALUE.pack(b3, c.file_offset, c.size), db=chunkdb)
                     n += 1
             txn.put(_MARK + b3, b"", db=chunkdb)
     return n
@@ -83,6 +86,48 @@ def record_tiny(store: Store, contents: dict[bytes, bytes]) -> None:
 def lookup_tiny(txn: object, db: object, sha: bytes) -> bytes | None:
     v = txn.get(_TINY + sha, db=db)  # type: ignore[attr-defined]
     return None if v is None else bytes(v)
+
+
+def sweep(store: Store, batch: int = 8192) -> int:
+    """Drop chunk entries and chunked-markers whose object has no record (gc's last step).
+
+    Bounded write transactions over a cursor: the write lock is never held for long.  The
+    record check and the delete are in one transaction, so an entry whose object exists is never
+    dropped; one whose object is published again later is merely re-learned on the next import.
+    Tiny-content keys stand alone (no object) and stay.
+    """
+    idx = store.index
+    objs, db = idx.db[b"objects"], idx.db[b"chunks"]
+    dropped = 0
+    start = b""
+    while True:
+        with idx.write() as txn:
+            cur = txn.cursor(db=db)
+            if not cur.set_range(start):
+                break
+            doomed: list[bytes] = []
+            n = 0
+            done = True
+            for k, v in cur.iternext():
+                k = bytes(k)
+                if n >= batch:
+                    start, done = k, False
+                    break
+                n += 1
+                if len(k) == 32:
+                    b3 = bytes(v)[:32]
+                elif k[:1] == _MARK and len(k) == 33:
+                    b3 = k[1:]
+                else:
+                    continue
+                if txn.get(b3, db=objs) is None:
+                    doomed.append(k)
+            for k in doomed:  # after the scan: deleting under a live cursor would skip keys
+                txn.delete(k, db=db)
+            dropped += len(doomed)
+        if done:
+            break
+    return dropped
 
 
 def _chunk_object(path: str, size: int) -> list[Chunk] | None:
@@ -135,15 +180,20 @@ def index_layer(store: Store, manifest_b3: bytes, workers: int = 1) -> dict[str,
                     stats["bytes_chunked"] += sum(c.length for c in chunks)
                     if len(chunks) > 1:
                         for c in chunks:
-                            if not c.zeros and txn.put(
-                                c.digest,
-                                VALUE.pack(b3, c.offset, c.length),
-                                db=chunkdb,
-                                overwrite=False,
-                            ):
+                            if not c.zeros:
+                                txn.put(c.digest, VALUE.pack(b3, c.offset, c.length), db=chunkdb)
                                 stats["chunks_indexed"] += 1
                     txn.put(_MARK + b3, b"", db=chunkdb)
     return stats
 
 
-__all__ = ["MIN_SIZE", "VALUE", "index_layer", "lookup", "lookup_tiny", "record_tiny", "record_toc"]
+__all__ = [
+    "MIN_SIZE",
+    "VALUE",
+    "index_layer",
+    "lookup",
+    "lookup_tiny",
+    "record_tiny",
+    "record_toc",
+    "sweep",
+]

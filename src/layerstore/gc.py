@@ -22,6 +22,8 @@ Protocol (docs/concurrency.md has the argument for each step):
 5. orphans: files in objects/ with no record (left by crashes) are doomed and unlinked the same
    way, so an import that is publishing that very digest can never lose its file.
 6. staging directories and lease files of dead processes are removed.
+7. chunk-index hints that point at objects no longer recorded are dropped (the index is a hint:
+   this only keeps it from growing; every use re-checks anyway).
 
 No step holds the LMDB write lock for longer than one bounded batch, so imports, removals and
 materializations proceed while gc runs.
@@ -56,6 +58,7 @@ class GcResult:
     layers_finalized: int = 0
     staging_removed: int = 0
     skipped_pinned: int = 0
+    chunk_hints_dropped: int = 0
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -150,6 +153,10 @@ def collect(
                     orphans.append(b3)
     for batch in _batches(orphans, BATCH):
         _doom_and_unlink(store, batch, result, dry_run, orphans=True)
+    if not dry_run:
+        from .chunkindex import sweep
+
+        result.chunk_hints_dropped = sweep(store)
     result.seconds = time.monotonic() - t0
     return result
 
