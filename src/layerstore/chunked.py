@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -116,6 +117,20 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def open_source(source: str | os.PathLike[str]) -> Iterator[tuple[RangeSource, str]]:
+    """A blob path or an http(s) blob URL as an open :class:`RangeSource`, with the name an
+    import records as its source."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        from .httpsource import HttpSource  # imports this module: not at the top
+
+        with HttpSource(source) as hs:
+            yield hs, source
+    else:
+        with FileSource(os.fspath(source)) as fs:
+            yield fs, f"file:{os.path.abspath(source)}"
 
 
 def read_range(source: RangeSource, a: int, b: int) -> bytes:
@@ -551,6 +566,7 @@ __all__ = [
     "data_end",
     "decode_frame",
     "locate",
+    "open_source",
     "parse_tarsplit",
     "parse_toc",
     "read_range",

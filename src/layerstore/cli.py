@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import click
 from tqdm import tqdm
 
+from .chunked import open_source
 from .errors import LayerstoreError
 from .store import ENV_STORE, Store, default_store_path
 
@@ -107,20 +108,22 @@ def import_(
     results = []
     with c.open(create=True) as st:
         for src in sources:
-            total = os.path.getsize(src) if src != "-" and os.path.isfile(src) else None
-            if partial and src.startswith(("http://", "https://")):
-                from .httpsource import HttpSource
-
-                with HttpSource(src) as hs:
-                    total = hs.size()
-            with c.progress(
-                None if partial else total, "B", f"import {os.path.basename(src)}"
-            ) as upd:
-                if partial:
+            if partial:
+                # One open source: its size scales the bar, so the bar shows what is skipped.
+                with (
+                    open_source(src) as (rs, name),
+                    c.progress(rs.size(), "B", f"read (partial) {os.path.basename(src)}") as upd,
+                ):
                     r = st.import_chunked(
-                        src, progress=upd, expected_diff_id=diff_id, toc_only=toc_only
+                        rs,
+                        progress=upd,
+                        expected_diff_id=diff_id,
+                        toc_only=toc_only,
+                        source_name=name,
                     )
-                else:
+            else:
+                total = os.path.getsize(src) if src != "-" and os.path.isfile(src) else None
+                with c.progress(total, "B", f"import {os.path.basename(src)}") as upd:
                     r = st.import_path(src, progress=upd)
             results.append(r.to_json())
             if not c.json and not c.quiet:

@@ -18,6 +18,7 @@ Layout of a store root (docs/format.md has the details)::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -735,6 +736,7 @@ class Store:
         progress: Callable[[int], None] | None = None,
         image_owned: bool = False,
         toc_only: bool = False,
+        source_name: str = "",
     ) -> Any:
         """Partially import a zstd:chunked blob: read only what the store lacks.
 
@@ -744,46 +746,28 @@ class Store:
         which make the TOC trusted by checksum.  The result's ``partial`` reports bytes read
         vs the blob size.
         ``toc_only`` reads no header frames (podman's byte count) at the price of an unproved
-        DiffID (see ``layerstore.partial.import_chunked``).
+        DiffID (see ``layerstore.partial.import_chunked``).  ``source_name`` is recorded for a
+        RangeSource (a path or URL names itself).
         """
-        from .chunked import FileSource
+        from .chunked import open_source
         from .partial import import_chunked
 
-        if isinstance(source, str) and source.startswith(("http://", "https://")):
-            from .httpsource import HttpSource
-
-            with HttpSource(source) as src:
-                return import_chunked(
-                    self,
-                    src,
-                    annotations,
-                    expected_diff_id=expected_diff_id,
-                    progress=progress,
-                    source_name=source,
-                    image_owned=image_owned,
-                    toc_only=toc_only,
-                )
-        if isinstance(source, str | os.PathLike):
-            with FileSource(os.fspath(source)) as src:
-                return import_chunked(
-                    self,
-                    src,
-                    annotations,
-                    expected_diff_id=expected_diff_id,
-                    progress=progress,
-                    source_name=f"file:{os.path.abspath(source)}",
-                    image_owned=image_owned,
-                    toc_only=toc_only,
-                )
-        return import_chunked(
-            self,
-            source,
-            annotations,
-            expected_diff_id=expected_diff_id,
-            progress=progress,
-            image_owned=image_owned,
-            toc_only=toc_only,
+        opened = (
+            open_source(source)
+            if isinstance(source, str | os.PathLike)
+            else contextlib.nullcontext((source, source_name))
         )
+        with opened as (src, name):
+            return import_chunked(
+                self,
+                src,
+                annotations,
+                expected_diff_id=expected_diff_id,
+                progress=progress,
+                source_name=name,
+                image_owned=image_owned,
+                toc_only=toc_only,
+            )
 
     def chunk_index(self, refs: list[str] | None = None) -> dict[str, int]:
         """Cut the objects of these layers (default: all live layers) with the
