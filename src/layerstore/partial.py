@@ -246,26 +246,27 @@ class _Partial(ImportHooks):
                         self.plans[e.name] = plan
                         self.order.append(plan)
                         continue
-                b3 = txn.get(e.digest, db=shadb)
-                if b3 is not None and usable(bytes(b3)):
-                    rec = idx.get_object(txn, bytes(b3))
-                    if rec is not None and rec.size != e.size:
+                raw = txn.get(e.digest, db=shadb)
+                b3 = bytes(raw) if raw is not None else b""
+                rec = idx.get_object(txn, b3) if b3 else None
+                if rec is not None and txn.get(b3, db=doomed) is None:
+                    if rec.size != e.size:
                         raise ChunkedError(
                             f"the TOC gives {e.raw_name!r} ({e.size} bytes) the sha256 of "
                             f"stored content of {rec.size} bytes: the TOC lies"
                         )
-                if e.size > INLINE_MAX and b3 is not None and usable(bytes(b3)):
-                    plan.kind, plan.b3 = "object", bytes(b3)
-                    self.pins.add(plan.b3)
-                    # Chunk digests recorded for this very object by an earlier, verified
-                    # import need not be hashed again.
-                    plan.chunks_known = len(e.chunks) > 1 and all(
-                        c.zeros
-                        or chunkindex.lookup(txn, chunkdb, c.digest)
-                        == (plan.b3, c.file_offset, c.size)
-                        for c in e.chunks
-                    )
-                elif len(e.chunks) > 1:
+                    if e.size > INLINE_MAX:
+                        plan.kind, plan.b3 = "object", b3
+                        self.pins.add(b3)
+                        # Chunk digests recorded for this very object by an earlier, verified
+                        # import need not be hashed again.
+                        plan.chunks_known = len(e.chunks) > 1 and all(
+                            c.zeros
+                            or chunkindex.lookup(txn, chunkdb, c.digest)
+                            == (b3, c.file_offset, c.size)
+                            for c in e.chunks
+                        )
+                if plan.kind != "object" and len(e.chunks) > 1:
                     parts, reused = [], 0
                     for c in e.chunks:
                         part = _Part(c, "zeros" if c.zeros else "fetch")
@@ -311,15 +312,19 @@ class _Partial(ImportHooks):
 
     def _gaps(self) -> list[tuple[int, int]]:
         """The blob ranges between file payloads: tar headers and padding, in frames."""
-        out, pos = [], 0
+        return [item for item in self._walk() if isinstance(item, tuple)]
+
+    def _walk(self) -> Iterator[tuple[int, int] | _Plan]:
+        """The payload area in blob order: header gaps ``(start, end)`` and file plans."""
+        pos = 0
         for p in self.order:
             if p.entry.offset > pos:
-                out.append((pos, p.entry.offset))
+                yield (pos, p.entry.offset)
+            yield p
             pos = p.entry.end
         end = data_end(self.loc)
         if end > pos:
-            out.append((pos, end))
-        return out
+            yield (pos, end)
 
     # the reconstructed tar ---------------------------------------------------------------
     def tar_pieces(self) -> Iterator[bytes]:
@@ -342,15 +347,11 @@ class _Partial(ImportHooks):
                     raise ChunkedError(f"tar-split and TOC disagree on the size of {seg.name!r}")
                 yield from self._content(plan)
         else:
-            pos = 0
-            for plan in self.order:
-                if plan.entry.offset > pos:
-                    yield from self._gap(pos, plan.entry.offset)
-                yield from self._content(plan)
-                pos = plan.entry.end
-            end = data_end(self.loc)
-            if end > pos:
-                yield from self._gap(pos, end)
+            for item in self._walk():
+                if isinstance(item, tuple):
+                    yield from self._gap(*item)
+                else:
+                    yield from self._content(item)
         if next(files, None) is not None and self.tarsplit is not None:
             raise ChunkedError("the TOC lists files the tar-split does not contain")
 
@@ -401,7 +402,9 @@ class _Partial(ImportHooks):
         held: bytes | None = None
         # Every chunk digest is checked too, whatever the file's plan, so the chunk index only
         # ever learns digests that were verified (a lying chunkDigest would poison it).
-        cv = _ChunkVerifier(e) if len(e.chunks) > 1 and not plan.chunks_known else None
+        # (An assembled file's chunks were each checked while it was built.)
+        verified = plan.chunks_known or plan.kind == "assemble"
+        cv = _ChunkVerifier(e) if len(e.chunks) > 1 and not verified else None
         for piece in gen:
             if h is not None:
                 h.update(piece)
