@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import zstandard
 
 from .chunked import FOOTER_MAGIC_NEW, PREFIX_NEW, SKIPPABLE_MAGIC, TAR_TYPES
-from .chunker import chunk_file, crc64_iso, tarsplit_crc_payload
+from .chunker import Chunker, crc64_iso, tarsplit_crc_payload
 from .errors import InvalidInputError
 from .tarstream import TarMember, TarReader
 
@@ -100,7 +100,11 @@ def _rfc3339(ns: int) -> str:
 def write_chunked(
     store: Store, ref: str, out: BinaryIO, progress: Callable[[int], None] | None = None
 ) -> ChunkedBlob:
-    """Write layer ``ref`` to ``out`` as a zstd:chunked blob; see the module docstring."""
+    """Write layer ``ref`` to ``out`` as a zstd:chunked blob; see the module docstring.
+
+    The tar comes from :meth:`Store.export_layer`, which verifies it against the layer's DiffID
+    (an error there is raised here), so the blob's DiffID needs no second hash."""
+    diff_id = store.layer(ref).diff_id
     rfd, wfd = os.pipe()
     err: list[BaseException] = []
 
@@ -117,7 +121,7 @@ def write_chunked(
     t.start()
     try:
         with open(rfd, "rb", buffering=_PIECE) as r:
-            blob = _write(r, out)
+            blob = _write(r, out, diff_id)
     finally:
         t.join()
     if err:
@@ -125,12 +129,11 @@ def write_chunked(
     return blob
 
 
-def _write(tar_stream: BinaryIO, dest: BinaryIO) -> ChunkedBlob:
+def _write(tar_stream: BinaryIO, dest: BinaryIO, diff_id: str) -> ChunkedBlob:
     cctx = zstandard.ZstdCompressor(level=_LEVEL)
     o = _Out(dest)
     rec = _Recorder()
     tar = TarReader(tar_stream, recorder=rec)
-    diff = hashlib.sha256()
     toc: list[dict[str, Any]] = []
     split: list[dict[str, Any]] = []
     files = chunks = 0
@@ -138,7 +141,6 @@ def _write(tar_stream: BinaryIO, dest: BinaryIO) -> ChunkedBlob:
     def flush_raw() -> None:
         data = rec.raw_bytes()
         if data:
-            diff.update(data)
             o.write(cctx.compress(data))
             split.append({"type": 2, "payload": base64.b64encode(data).decode(), "position": 0})
 
@@ -154,17 +156,19 @@ def _write(tar_stream: BinaryIO, dest: BinaryIO) -> ChunkedBlob:
         if m.size and e["type"] == "reg":
             entry_split["size"] = m.size
             with tempfile.SpooledTemporaryFile(_SPOOL) as spool:
-                sha, crc = hashlib.sha256(), 0
+                # One pass over the content: spooled, hashed, CRC'd and chunked as it arrives;
+                # the chunk frames are then compressed from the spool.
+                sha, crc, chunker = hashlib.sha256(), 0, Chunker()
+                cuts = []
                 left = m.size
                 while left:
                     piece = tar.read(min(_PIECE, left))
                     spool.write(piece)
                     sha.update(piece)
-                    diff.update(piece)
                     crc = crc64_iso(piece, crc)
+                    cuts += chunker.update(piece)
                     left -= len(piece)
-                spool.seek(0)
-                cuts = list(chunk_file(spool, size=m.size))  # type: ignore[arg-type]
+                cuts += chunker.finish()
                 e["digest"] = "sha256:" + sha.hexdigest()
                 e["offset"] = o.pos
                 spool.seek(0)
@@ -229,7 +233,7 @@ def _write(tar_stream: BinaryIO, dest: BinaryIO) -> ChunkedBlob:
     return ChunkedBlob(
         digest="sha256:" + o.sha.hexdigest(),
         size=o.pos,
-        diff_id="sha256:" + diff.hexdigest(),
+        diff_id=diff_id,
         annotations=ann,
         files=files,
         chunks=chunks,
