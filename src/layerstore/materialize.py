@@ -290,7 +290,6 @@ class _Builder:
         fast: list[Entry] = []
         slow: list[Entry] = []
         is_root, ids, umask = self.is_root, self.ids, self.umask
-        objects = self.store.objects_dir
         try:
             for e in batch:
                 if e.xattrs:
@@ -307,8 +306,7 @@ class _Builder:
                 if owner_changed and not is_root:
                     self.skip("ownership")
                 if e.digest is not None and e.inline is None:
-                    h = e.digest.hex()
-                    src: bytes | None = f"{objects}/{h[:2]}/{h}".encode()
+                    src: bytes | None = os.fsencode(self.store.object_path(e.digest))
                     inline = None
                 else:
                     src, inline = None, e.inline or b""
