@@ -48,10 +48,10 @@ from chunkedblob import (
     sym,
     zc,
 )
+from test_hostile import index_dump, object_files
 
 from layerstore import InvalidInputError, Store, UnsafePathError
 from layerstore.chunked import ChunkedError, FileSource
-from layerstore.index import DB_NAMES
 from layerstore.partial import import_chunked
 
 TRUST = ["annotations", "footer"]  # TOC located (and trusted) via annotations, or bare blob
@@ -95,23 +95,6 @@ def chunk_entries(toc: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 # -- store state and the sandbox -------------------------------------------------------------
-def index_dump(store: Store) -> dict[bytes, list[tuple[bytes, bytes]]]:
-    out = {}
-    with store.index.read() as txn:
-        for name in DB_NAMES:
-            if name == b"meta":
-                continue
-            out[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store.index.db[name])]
-    return out
-
-
-def object_files(store: Store) -> list[str]:
-    out = []
-    for fan in os.listdir(store.objects_dir):
-        out += [f"{fan}/{n}" for n in os.listdir(os.path.join(store.objects_dir, fan))]
-    return sorted(out)
-
-
 def staging_leftovers(store: Store) -> list[str]:
     out = []
     own = os.path.join(store.staging_dir, store.lease.id.hex())
