@@ -152,28 +152,11 @@ class _Fetcher:
             a += e - s
 
 
-class _PieceFile:
-    """A read(n) file over an iterator of byte pieces (for zstd's stream_reader)."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        self.pieces = pieces
-        self.buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.buf:
-            self.buf = next(self.pieces, b"")
-        if n < 0 or n >= len(self.buf):
-            out, self.buf = self.buf, b""
-        else:
-            out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-
 def _unzstd(
     dctx: zstandard.ZstdDecompressor, pieces: Iterator[bytes], size: int, what: str
 ) -> Iterator[bytes]:
     """Decompress frames into exactly ``size`` bytes, bounded memory, no bomb can expand."""
-    reader = dctx.stream_reader(_PieceFile(pieces), read_across_frames=True)
+    reader = dctx.stream_reader(_Stream(pieces), read_across_frames=True)
     left = size
     try:
         while left:
@@ -370,7 +353,7 @@ class _Partial(ImportHooks):
         src: Any = (
             b"".join(self.fetcher.pieces(a, b))
             if b - a <= _PIECE
-            else _PieceFile(self.fetcher.pieces(a, b))
+            else _Stream(self.fetcher.pieces(a, b))
         )
         reader = self.dctx.stream_reader(src, read_across_frames=True)
         total = 0
