@@ -7,8 +7,8 @@ layer, a second version of it with a few files changed as a directory layer (ded
 changed files are new), re-imports the first (already stored), materializes it by reflink (or
 the copy fallback, reported) and verifies the tree file by file against its source, writes the
 second version as a zstd:chunked blob, removes it and runs gc, pulls it back from the blob
-partially (only the changed files are read), then prints what the store holds and runs fsck.  Everything goes
-through the ``layerstore`` CLI, as a user would run it.
+partially (only the changed files are read), then prints what the store holds and runs fsck.
+Everything goes through the ``layerstore`` CLI, as a user would run it.
 """
 
 from __future__ import annotations

@@ -143,6 +143,7 @@ class BlobReader:
         self.total_out = 0
         self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE)
         self._buf = b""
+        self._off = 0
         self._eof = False
         self._stop = False
         self._thread = threading.Thread(
@@ -181,14 +182,18 @@ class BlobReader:
             self._q.put(exc)
 
     def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; fewer only at the end of the stream."""
-        buf = self._buf
-        if len(buf) >= n:
-            self._buf = buf[n:]
-            return buf[:n]
-        parts = [buf] if buf else []
-        have = len(buf)
-        while have < n and not self._eof:
+        """Up to ``n`` bytes: at most one decompressed chunk, so fewer than ``n`` before the
+        end of the stream too (the tar reader asks again); b"" only at the end.  A chunk that
+        fits is handed over as it is, without a copy."""
+        buf, off = self._buf, self._off
+        if off < len(buf):
+            if off == 0 and len(buf) <= n:
+                self._buf = b""
+                return buf
+            out = buf[off : off + n]
+            self._off = off + len(out)
+            return out
+        while not self._eof:
             item = self._q.get()
             if item is None:
                 self._eof = True
@@ -196,11 +201,14 @@ class BlobReader:
             if isinstance(item, BaseException):
                 self._eof = True
                 raise item
-            parts.append(item)
-            have += len(item)
-        data = b"".join(parts)
-        self._buf = data[n:]
-        return data[:n]
+            if not item:
+                continue
+            if len(item) <= n:
+                self._buf = b""
+                return item
+            self._buf, self._off = item, n
+            return item[:n]
+        return b""
 
     def finish(self) -> tuple[bytes, bytes]:
         """Drain, join, and return (compressed sha256, uncompressed sha256 = DiffID)."""

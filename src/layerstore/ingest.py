@@ -70,9 +70,13 @@ PIN_BATCH: Final = 4096
 PIN_BATCH_BYTES: Final = 64 << 20
 # New objects are published in write transactions of at most this many renames.
 PUBLISH_BATCH: Final = 16384
-# Staged writes queued to the writer threads at most.
-_MAX_INFLIGHT: Final = 1024
+# Staged writes go to the writer threads in batches of this many files or bytes, with at most
+# this many batches or bytes in flight.
+_WRITE_BATCH: Final = 64
+_WRITE_BATCH_BYTES: Final = 4 << 20
+_MAX_INFLIGHT: Final = 16
 _MAX_INFLIGHT_BYTES: Final = 64 << 20
+_FLUSH_EVERY: Final = 16 << 20
 _READ = 1 << 20
 _U32: Final = (1 << 32) - 1
 _I64_MIN: Final = -(1 << 63)
@@ -148,11 +152,23 @@ class _Importer:
         self.pinned = DigestSet()  # every object this import pinned (exact, compact)
         self.staged_new = 0
         self.staged_bytes = 0
-        self.count_lock = threading.Lock()
+        # New content staged under objects/<fan>/<b3>.<sha256> (compact: a layer may have
+        # millions), and content queued to the writers but not confirmed yet (bounded).
+        self.staged = DigestSet()
+        self.queued: set[bytes] = set()
+        self.batch: list[tuple[str, bytes, bytes | None, bytes]] = []
+        self.batch_bytes = 0
+        # Early writeback: a background syncfs every _FLUSH_EVERY staged bytes, so the one
+        # that publish must wait for finds little left to write.
+        self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-flush")
+        self.flushing: Future[None] | None = None
+        self.unflushed = 0
         self.known_txn: Any = None
         self.known_uses = 0
         self.writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-writer")
-        self.inflight: collections.deque[Future[int]] = collections.deque()
+        self.inflight: collections.deque[Future[tuple[int, list[tuple[bytes, int]]]]] = (
+            collections.deque()
+        )
         self.inflight_bytes = 0
         self.reused = 0
         self.inline = 0
@@ -195,39 +211,76 @@ class _Importer:
             self.known_txn = None
 
     def _write_staged(self, b3: bytes, sha: bytes | None, data: bytes) -> None:
-        """Queue a staged write; a writer thread computes the sha256 (if not known yet) and
-        does the syscalls while the main thread parses on."""
-        d = self._fan_dir(b3)
-        self.inflight.append(self.writers.submit(self._write_file, d, b3, sha, data))
-        self.inflight_bytes += len(data)
-        while len(self.inflight) > _MAX_INFLIGHT or self.inflight_bytes > _MAX_INFLIGHT_BYTES:
-            self.inflight_bytes -= self.inflight.popleft().result()
+        """Queue a staged write.  Writes go to the writer threads in batches (one hand-off per
+        ~64 files, not per file: a per-file hand-off cost more than a small file's syscalls),
+        which compute the sha256 (if not known yet) and do the syscalls while the main thread
+        parses on; hashlib and the syscalls release the GIL."""
+        if b3 in self.staged or b3 in self.queued:
+            return  # the same content twice in one layer: written once
+        self.queued.add(b3)
+        self.batch.append((self._fan_dir(b3), b3, sha, data))
+        self.batch_bytes += len(data)
+        if len(self.batch) >= _WRITE_BATCH or self.batch_bytes >= _WRITE_BATCH_BYTES:
+            self._submit_batch()
 
-    def _write_file(self, fan_dir: str, b3: bytes, sha: bytes | None, data: bytes) -> int:
-        # Created 0444 under its final staged name; O_EXCL makes a duplicate within this import
-        # a no-op.  A crash mid-write leaves a partial file only in this lease's staging
-        # directory, which is discarded whole.
-        if sha is None:
-            sha = sha256_of(data)  # hashlib releases the GIL: overlaps the parser
-        path = os.path.join(fan_dir, b3.hex() + "." + sha.hex())
+    def _submit_batch(self) -> None:
+        if not self.batch:
+            return
+        self.inflight.append(self.writers.submit(self._write_files, self.batch))
+        self.inflight_bytes += self.batch_bytes
+        self.batch = []
+        self.batch_bytes = 0
+        while len(self.inflight) > _MAX_INFLIGHT or self.inflight_bytes > _MAX_INFLIGHT_BYTES:
+            self._collect(self.inflight.popleft())
+
+    def _collect(self, fut: Future[tuple[int, list[tuple[bytes, int]]]]) -> None:
+        """Record a finished batch: its files are staged under their final staged names."""
+        nbytes, done = fut.result()
+        self.inflight_bytes -= nbytes
+        for b3, size in done:
+            self.queued.discard(b3)
+            self.staged.add(b3)
+            self.staged_new += 1
+            self.staged_bytes += size
+        self.unflushed += nbytes
+        if self.unflushed >= _FLUSH_EVERY and (self.flushing is None or self.flushing.done()):
+            self.unflushed = 0
+            self.flushing = self.flusher.submit(self._flush_early)
+
+    def _flush_early(self) -> None:
+        fd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        except FileExistsError:
-            return len(data)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            syncfs(fd)
         finally:
             os.close(fd)
-        with self.count_lock:
-            self.staged_new += 1
-            self.staged_bytes += len(data)
-        return len(data)
+
+    @staticmethod
+    def _write_files(
+        batch: list[tuple[str, bytes, bytes | None, bytes]],
+    ) -> tuple[int, list[tuple[bytes, int]]]:
+        # Created 0444 under its final staged name.  A crash mid-write leaves a partial file
+        # only in this lease's staging directory, which is discarded whole.
+        done: list[tuple[bytes, int]] = []
+        nbytes = 0
+        for fan_dir, b3, sha, data in batch:
+            nbytes += len(data)
+            if sha is None:
+                sha = sha256_of(data)
+            path = os.path.join(fan_dir, b3.hex() + "." + sha.hex())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            done.append((b3, len(data)))
+        return nbytes, done
 
     def drain_writes(self) -> None:
+        self._submit_batch()
         while self.inflight:
-            self.inflight_bytes -= self.inflight.popleft().result()
+            self._collect(self.inflight.popleft())
 
     def add_content(self, data: bytes) -> bytes:
         """Handle an in-memory file: reuse if known (pin later), else stage.  Returns blake3.
@@ -266,17 +319,17 @@ class _Importer:
 
     def _adopt(self, tmp: str, b3: bytes, sha: bytes, size: int) -> bytes:
         """Take a complete staged file: dedup by digest, else keep it under its staged name."""
-        path = self._staged_path(b3, sha)
-        if b3 in self.pinned or os.path.exists(path):
+        if b3 in self.pinned or b3 in self.staged or b3 in self.queued:
             os.unlink(tmp)
             self.reused += b3 in self.pinned
         elif self._known(b3):
             # Keep the staged copy until the pin batch decides: the index might lose it first.
-            os.rename(tmp, path)
+            os.rename(tmp, self._staged_path(b3, sha))
             self.pending.append((b3, sha, size, None))
             self._flush_pins()
         else:
-            os.rename(tmp, path)
+            os.rename(tmp, self._staged_path(b3, sha))
+            self.staged.add(b3)
             self.staged_new += 1
             self.staged_bytes += size
         return b3
@@ -308,7 +361,8 @@ class _Importer:
         for b3, (sha, size, data) in lost.items():
             if data is not None:
                 self._write_staged(b3, sha or None, data)
-            else:
+            else:  # a large file kept staged for this case
+                self.staged.add(b3)
                 self.staged_new += 1
                 self.staged_bytes += size
         self.pending.clear()
@@ -317,11 +371,15 @@ class _Importer:
     # publish ------------------------------------------------------------------------------
     def publish(self) -> None:
         """Phase 2: make staged objects durable, rename them into objects/, record and pin."""
-        if not self.fanout_made:
+        if not self.staged:
             return  # nothing new (a re-import): no syncfs, no write transaction
+        if self.flushing is not None:
+            self.flushing.result()
         dfd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             syncfs(dfd)
+            # The staged names carry both digests; scanning them keeps memory flat however
+            # many objects the layer has.
             batch: list[tuple[str, bytes, bytes, int]] = []
             for fan in sorted(self.fanout_made):
                 with os.scandir(os.path.join(self.obj_stage, fan)) as it:
@@ -517,6 +575,7 @@ def run_import(
             blob.abort()
         imp.end_known()
         imp.writers.shutdown(wait=True, cancel_futures=True)
+        imp.flusher.shutdown(wait=True, cancel_futures=True)
         store.release_import_pins(imp.pinned)
         shutil.rmtree(imp.stage, ignore_errors=True)
 
@@ -570,8 +629,11 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
     tspath = os.path.join(imp.stage, "tarsplit.tmp")
     dirs = PathSet()
     nondirs = PathSet()
-    symlinks = PathSet()
     entries = 0
+    # The parent directory whose ancestors were last checked.  Every ancestor checked is
+    # recorded in ``dirs`` and a path in ``dirs`` can never become a non-directory (refused
+    # below), so a sibling of the previous entry needs no second walk up its ancestors.
+    checked_parent = ""
     with open(mpath, "wb") as mf, open(tspath, "wb") as tsf:
         split = TarSplitWriter(tsf)
         tar = TarReader(blob, recorder=split)
@@ -582,13 +644,16 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
             _check_ranges(m)
             if imp.hooks is not None:
                 imp.hooks.check_member(m, path)
-            for anc in ancestors(path):
-                if anc in symlinks or anc in nondirs:
-                    raise UnsafePathError(
-                        f"entry {m.name!r} would be written through non-directory {anc!r} "
-                        "(a symlink or file earlier in the layer)"
-                    )
-                dirs.add(anc)
+            slash = path.rfind("/")
+            if slash > 0 and path[:slash] != checked_parent:
+                for anc in ancestors(path):
+                    if anc in nondirs:
+                        raise UnsafePathError(
+                            f"entry {m.name!r} would be written through non-directory {anc!r} "
+                            "(a symlink or file earlier in the layer)"
+                        )
+                    dirs.add(anc)
+                checked_parent = path[:slash]
             e = Entry(path, REG, mode=m.mode, uid=m.uid, gid=m.gid, mtime_ns=m.mtime_ns)
             e.xattrs = m.xattrs
             typ = m.type
@@ -627,7 +692,6 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     if not m.linkname:
                         raise InvalidInputError(f"symlink {m.name!r} has an empty target")
                     e.linkname = m.linkname
-                    symlinks.add(path)
                 elif typ == b"1":
                     e.kind = HARDLINK
                     target = normalize(m.linkname, "hardlink target")

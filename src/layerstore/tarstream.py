@@ -82,19 +82,22 @@ def _field_str(b: bytes) -> bytes:
 def _num(b: bytes, what: str) -> int:
     """Octal ASCII (space/NUL padded) or GNU base-256 (high bit set)."""
     if b and b[0] & 0x80:
-        v = int.from_bytes(b[1:], "big")
-        if b[0] == 0xFF:  # negative: two's complement over the whole field
-            v = int.from_bytes(b, "big") - (1 << (8 * len(b)))
-        else:
-            v |= (b[0] & 0x3F) << (8 * (len(b) - 1))
-        return v
-    s = _field_str(b).strip(b" ")
-    if not s:
-        return 0
+        return _num256(b)
+    i = b.find(b"\x00")
+    s = b if i < 0 else b[:i]
     try:
-        return int(s, 8)
+        return int(s, 8)  # int() itself ignores the space padding
     except ValueError:
+        if not s.strip(b" "):
+            return 0  # an empty field
         raise InvalidInputError(f"tar header field {what} is not a number: {b!r}") from None
+
+
+def _num256(b: bytes) -> int:
+    """GNU base-256: big-endian binary after the marker bit; 0xFF marks a negative value."""
+    if b[0] == 0xFF:  # negative: two's complement over the whole field
+        return int.from_bytes(b, "big") - (1 << (8 * len(b)))
+    return int.from_bytes(b[1:], "big") | ((b[0] & 0x3F) << (8 * (len(b) - 1)))
 
 
 def _checksum_ok(h: bytes) -> bool:
@@ -182,6 +185,15 @@ class TarReader:
         have = len(self._buf) - self._pos
         if have >= n:
             return
+        if not have:  # the common case: no leftover to join (no copy of the new chunk)
+            chunk = self.src.read(max(n, 1 << 20))
+            if len(chunk) >= n:
+                self._buf = chunk
+                self._pos = 0
+                return
+            self._buf, self._pos, have = chunk, 0, len(chunk)
+            if not chunk:
+                return
         parts = [self._buf[self._pos :]]
         while have < n:
             chunk = self.src.read(max(n - have, 1 << 20))
