@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 import os
 import struct
 import subprocess
@@ -279,6 +280,63 @@ def test_reimport_of_a_known_blob_is_recognised_by_its_digest(store: Store, tree
     with open(tars["pax.gz"], "rb") as f:
         piped = store.import_tar(io.BufferedReader(_Unseekable(f)))
     assert piped.already_present and piped.stats == {}
+
+
+class _CountingFile(io.FileIO):
+    """A real file (fstat works) that counts the bytes read through it."""
+
+    nread = 0
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = super().readinto(b)
+        self.nread += n or 0
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        b = super().read(n)
+        self.nread += len(b)
+        return b
+
+
+def _import_counted(store: Store, path: Path):
+    with _CountingFile(path) as f:
+        res = store.import_tar(f)  # type: ignore[arg-type]
+        return res, f.nread
+
+
+def test_first_import_reads_its_file_once_size_hint(store: Store, tree_and_tars, tmp_path):
+    """The re-import shortcut hashes a file only if a stored blob has its size: a first import
+    reads the file once, a re-import once (hash only), a same-size stranger twice."""
+    _src, tars = tree_and_tars
+    blob = tars["pax.gz"]
+    size = blob.stat().st_size
+    first, n = _import_counted(store, blob)
+    assert not first.already_present and first.stats.get("shortcut") is None
+    assert n == size  # no hashing pre-pass: nothing of this size was stored
+    again, n = _import_counted(store, blob)
+    assert again.stats == {"shortcut": 1} and again.diff_id == first.diff_id
+    assert n == size  # hashed, recognised, never parsed
+    # A different blob of exactly the same size: the hint says "maybe", the hash says no.
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tf:
+        data = os.urandom(1000)
+        ti = tarfile.TarInfo("x")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    raw = other.read_bytes()
+    assert len(raw) < size
+    other.write_bytes(raw + bytes(size - len(raw)))  # trailing zeros: still the same tar
+    third, n = _import_counted(store, other)
+    assert not third.already_present and n == 2 * size
+    # Removing the layer leaves a stale hint: ignored, and gc drops it.
+    store.remove(first.diff_id)
+    fourth, n = _import_counted(store, other)
+    assert fourth.stats == {"shortcut": 1} and n == size  # first's stale hint is skipped
+    store.remove(third.diff_id)
+    g = store.gc()
+    assert g.blob_size_hints_dropped == 2
+    fifth, n = _import_counted(store, blob)
+    assert not fifth.already_present and n == size  # no hint left: read once
 
 
 class _Unseekable(io.RawIOBase):

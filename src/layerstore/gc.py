@@ -59,6 +59,7 @@ class GcResult:
     staging_removed: int = 0
     skipped_pinned: int = 0
     chunk_hints_dropped: int = 0
+    blob_size_hints_dropped: int = 0
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -157,6 +158,7 @@ def collect(
         from .chunkindex import sweep
 
         result.chunk_hints_dropped = sweep(store)
+        result.blob_size_hints_dropped = store.index.sweep_blob_sizes()
     result.seconds = time.monotonic() - t0
     return result
 

@@ -13,6 +13,8 @@ Named databases (keys are raw 32-byte digests unless noted; the layout is in doc
 ``sha256``      sha256 -> blake3 (OCI digests and TOC digests resolve here)
 ``layers``      DiffID -> JSON layer record
 ``compressed``  compressed-blob sha256 -> DiffID
+``blob_sizes``  size u64 big-endian + compressed-blob sha256 -> "" (a hint: which blob sizes
+                the re-import shortcut should hash at all; entries without an alias are stale)
 ``pins``        blake3 -> lease id (dupsort): objects a live operation is about to read/publish
 ``lease_pins``  lease id + blake3 -> "" (reverse map, to drop a dead lease's pins)
 ``layer_pins``  DiffID + lease id -> "" (a materialization reading a layer)
@@ -40,6 +42,7 @@ DB_NAMES: Final = (
     b"sha256",
     b"layers",
     b"compressed",
+    b"blob_sizes",
     b"pins",
     b"lease_pins",
     b"layer_pins",
@@ -108,6 +111,11 @@ def check_data_file(path: str) -> None:
                 f"page {root}); run `layerstore fsck --rebuild-index` to recreate the index "
                 "from objects/ and layers/"
             )
+
+
+def blob_size_key(size: int, comp: bytes) -> bytes:
+    """Key of the ``blob_sizes`` hint: big-endian size first, so one size is one key range."""
+    return size.to_bytes(8, "big") + comp
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +250,51 @@ class Index:
     def iter_layers(self, txn: lmdb.Transaction) -> list[tuple[bytes, dict[str, Any]]]:
         cur = txn.cursor(db=self.db[b"layers"])
         return [(bytes(k), json.loads(v)) for k, v in cur]
+
+    # -- compressed blobs ------------------------------------------------------------------
+    def has_blob_of_size(self, txn: lmdb.Transaction, size: int) -> bool:
+        """Could a stored layer's compressed blob have this size?  The re-import shortcut
+        hashes a file only then: a first import skips that whole extra read.  A hint: entries
+        whose alias is gone are skipped here and dropped by :meth:`sweep_blob_sizes`."""
+        prefix = size.to_bytes(8, "big")
+        comp_db = self.db[b"compressed"]
+        cur = txn.cursor(db=self.db[b"blob_sizes"])
+        if not cur.set_range(prefix):
+            return False
+        for k in cur.iternext(values=False):
+            if k[:8] != prefix:
+                return False
+            if txn.get(k[8:], db=comp_db) is not None:
+                return True
+        return False
+
+    def sweep_blob_sizes(self, batch: int = 8192) -> int:
+        """Drop size hints whose compressed alias is gone (gc's last step); bounded write
+        transactions.  Returns how many were dropped."""
+        dropped = 0
+        start = b""
+        comp_db, db = self.db[b"compressed"], self.db[b"blob_sizes"]
+        while True:
+            with self.write() as txn:
+                cur = txn.cursor(db=db)
+                if not cur.set_range(start):
+                    return dropped
+                stale: list[bytes] = []
+                n = 0
+                done = True
+                for k in cur.iternext(values=False):
+                    k = bytes(k)
+                    if n >= batch:
+                        start, done = k, False
+                        break
+                    n += 1
+                    if txn.get(k[8:], db=comp_db) is None:
+                        stale.append(k)
+                for k in stale:  # after the scan: deleting under a live cursor would skip keys
+                    txn.delete(k, db=db)
+                dropped += len(stale)
+            if done:
+                return dropped
 
     # -- meta ------------------------------------------------------------------------------
     def get_meta(self, txn: lmdb.Transaction, key: str) -> str | None:

@@ -545,6 +545,7 @@ def run_import(
                 **extra,
             },
             imp.pinned,
+            blob.total_in if record_compressed else None,
         )
         result.already_present = present
         if imp.tiny:
@@ -586,11 +587,15 @@ def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
     that saves a re-import all of its decompression, parsing and hashing.  Streams that cannot
     be rewound (stdin, pipes) take the normal path."""
     try:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+        st = os.fstat(stream.fileno())
+        if not stat.S_ISREG(st.st_mode):
             return None
         start = stream.tell()
     except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return None
+    with store.index.read() as txn:
+        if not store.index.has_blob_of_size(txn, st.st_size - start):
+            return None  # no stored blob has this size: not worth a read of the whole file
     h = hashlib.sha256()
     while chunk := stream.read(_READ):
         h.update(chunk)

@@ -43,7 +43,7 @@ from .errors import (
     NotFoundError,
     StoreError,
 )
-from .index import Index, ObjectRecord
+from .index import Index, ObjectRecord, blob_size_key
 from .manifest import REG, Entry, read_manifest
 
 FORMAT_VERSION: Final = 1
@@ -262,10 +262,12 @@ class Store:
         manifest_b3: bytes,
         info: dict[str, Any],
         pinned: DigestSet,
+        blob_size: int | None = None,
     ) -> bool:
         """Phase 3 of an import: the layer record and its references, in one transaction.
 
         Returns True if the layer was already stored (then no references are added).
+        ``blob_size``: the compressed blob's size, recorded as the re-import shortcut's hint.
         """
         idx = self.index
         with idx.write() as txn:
@@ -294,6 +296,8 @@ class Store:
                 if comp.hex() not in rec["compressed"]:
                     rec["compressed"].append(comp.hex())
                 txn.put(comp, diff_id, db=idx.db[b"compressed"])
+                if blob_size is not None:
+                    txn.put(blob_size_key(blob_size, comp), b"", db=idx.db[b"blob_sizes"])
             idx.put_layer(txn, diff_id, rec)
             leases.unpin_objects(idx, txn, self.lease.id, pinned)
         pinned.clear()
