@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import tarfile
 import os
 import struct
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -350,3 +350,24 @@ class _Unseekable(io.RawIOBase):
         data = self.f.read(len(b))
         b[: len(data)] = data
         return len(data)
+
+
+@pytest.mark.parametrize("fastpath", ["1", "0"])
+def test_same_content_twice_in_one_layer_is_stored_once(
+    store: Store, tmp_path: Path, monkeypatch, fastpath: str
+) -> None:
+    """The writer threads meet a repeated content at its staged name (O_EXCL) and count it
+    once, on both staging paths (C fast path and pure Python)."""
+    monkeypatch.setenv("LAYERSTORE_FASTPATH", fastpath)
+    src = tmp_path / "src"
+    src.mkdir()
+    same = os.urandom(5000)
+    for i in range(200):  # spread over several writer batches
+        (src / f"f{i:03d}").write_bytes(same if i % 2 else os.urandom(100 + i))
+    tarball = gnu_tar(src, tmp_path / "t.tar")
+    res = store.import_path(str(tarball))
+    assert res.new_objects == 100 + 1 + 2  # distinct contents, one shared, manifest, tar-split
+    got = tmp_path / "mat"
+    store.materialize(res.diff_id, str(got))
+    assert diff_trees(str(gnu_untar(tarball, tmp_path / "x")), str(got)) == []
+    assert store.fsck(full=True).exit_code == 0

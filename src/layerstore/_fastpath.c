@@ -11,6 +11,9 @@
  * handed back per file and handled there, exactly as the pure-Python path would.  If this
  * extension is not built (no compiler), the pure-Python path is used: same results.
  *
+ * The import's staging writes are the same story (create, write, close per new object, from
+ * two writer threads): stage_files() writes a batch of them with the GIL released.
+ *
  * run_batch(items, allow_reflink, allow_cfr) -> (results, reflink_ok, cfr_ok)
  *   items: list of tuples
  *     (parent_fd, name: bytes, src: bytes|None, size, create_mode, mode, uid, gid,
@@ -18,6 +21,11 @@
  *   results: list of (method, errno, stage) per item; method 0 error, 1 reflink,
  *     2 copy_file_range, 3 copy, 4 inline; stage names the failed step for error messages:
  *     1 create, 2 open object, 3 data, 4 chown, 5 chmod, 6 times, 7 close.
+ *
+ * stage_files(items) -> list of errno (0: written)
+ *   items: list of (path: bytes, data: bytes); each file is created O_EXCL with mode 0444 and
+ *   filled; on an error the partial file stays (it lives in the import's staging directory,
+ *   which the caller discards) and the errno is returned for the caller to raise.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -267,10 +275,70 @@ fail:
     return NULL;
 }
 
+static PyObject *stage_files(PyObject *self, PyObject *args) {
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "O", &seq)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "items must be a sequence");
+    if (!fast) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    const char **paths = calloc((size_t)(n ? n : 1), sizeof(char *));
+    const char **bufs = calloc((size_t)(n ? n : 1), sizeof(char *));
+    Py_ssize_t *lens = calloc((size_t)(n ? n : 1), sizeof(Py_ssize_t));
+    int *errs = calloc((size_t)(n ? n : 1), sizeof(int));
+    PyObject *res = NULL;
+    if (!paths || !bufs || !lens || !errs) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(fast, i);
+        PyObject *path, *data;
+        if (!PyArg_ParseTuple(t, "OO", &path, &data)) goto out;
+        if (!PyBytes_Check(path) || !PyBytes_Check(data)) {
+            PyErr_SetString(PyExc_TypeError, "items must be (bytes, bytes)");
+            goto out;
+        }
+        paths[i] = PyBytes_AS_STRING(path); /* kept alive by the tuples that fast holds */
+        bufs[i] = PyBytes_AS_STRING(data);
+        lens[i] = PyBytes_GET_SIZE(data);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int fd = open(paths[i], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+        if (fd < 0) {
+            errs[i] = errno;
+            continue;
+        }
+        if (write_all(fd, bufs[i], (size_t)lens[i]) != 0) errs[i] = errno;
+        if (close(fd) != 0 && !errs[i]) errs[i] = errno;
+    }
+    Py_END_ALLOW_THREADS
+    res = PyList_New(n);
+    if (!res) goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PyLong_FromLong(errs[i]);
+        if (!e) {
+            Py_CLEAR(res);
+            goto out;
+        }
+        PyList_SET_ITEM(res, i, e);
+    }
+out:
+    free(paths);
+    free(bufs);
+    free(lens);
+    free(errs);
+    Py_DECREF(fast);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"run_batch", run_batch, METH_VARARGS,
      "Create, fill (FICLONE > copy_file_range > copy), own, chmod and time a batch of files "
      "with the GIL released; per-file (method, errno, stage) results."},
+    {"stage_files", stage_files, METH_VARARGS,
+     "Create (O_EXCL, 0444) and fill a batch of staged object files with the GIL released; "
+     "per-file errno (0: written)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -59,6 +59,11 @@ from .tarstream import TarMember, TarReader
 if TYPE_CHECKING:
     from .store import Store
 
+try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
+    from . import _fastpath  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - no compiler where it was installed
+    _fastpath = None
+
 # Files up to this size are kept in the manifest instead of becoming objects.  composefs uses
 # 64 bytes; docs/architecture.md has the measurement behind keeping that value.
 INLINE_MAX: Final = 64
@@ -77,6 +82,10 @@ _WRITE_BATCH_BYTES: Final = 4 << 20
 _MAX_INFLIGHT: Final = 16
 _MAX_INFLIGHT_BYTES: Final = 64 << 20
 _FLUSH_EVERY: Final = 16 << 20
+# Entries at most waiting for their content's digest before the main thread waits.
+_MAX_WAITING: Final = 8192
+# What a writer thread did with a file's content.
+_NEW, _KNOWN, _DUP = 0, 1, 2
 _READ = 1 << 20
 _U32: Final = (1 << 32) - 1
 _I64_MIN: Final = -(1 << 63)
@@ -124,6 +133,23 @@ class ImportResult:
         )
 
 
+def _write_new(path: bytes, data: bytes) -> int:
+    """Create (O_EXCL, 0444) and fill one staged file; 0 or an errno (as _fastpath does)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        os.close(fd)
+    return 0
+
+
 def _hash_stream(f: BinaryIO, size: int, h: DualHasher, out: BinaryIO | None) -> None:
     """Read ``size`` bytes of a member's content, hashing (and copying to ``out``)."""
     left = size
@@ -152,12 +178,13 @@ class _Importer:
         self.pinned = DigestSet()  # every object this import pinned (exact, compact)
         self.staged_new = 0
         self.staged_bytes = 0
-        # New content staged under objects/<fan>/<b3>.<sha256> (compact: a layer may have
-        # millions), and content queued to the writers but not confirmed yet (bounded).
-        self.staged = DigestSet()
-        self.queued: set[bytes] = set()
-        self.batch: list[tuple[str, bytes, bytes | None, bytes]] = []
+        # Content for the writer threads: (blake3 or None, sha256 or None, data, waiting entry)
+        self.batch: list[tuple[bytes | None, bytes | None, bytes, Any]] = []
         self.batch_bytes = 0
+        # Manifest entries in tar order, each [entry, path, settled]: those behind one whose
+        # content digest the writers have not returned yet wait here (bounded).
+        self.entries: collections.deque[list[Any]] = collections.deque()
+        self.mw: ManifestWriter | None = None
         # Early writeback: a background syncfs every _FLUSH_EVERY staged bytes, so the one
         # that publish must wait for finds little left to write.
         self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-flush")
@@ -166,7 +193,7 @@ class _Importer:
         self.known_txn: Any = None
         self.known_uses = 0
         self.writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-writer")
-        self.inflight: collections.deque[Future[tuple[int, list[tuple[bytes, int]]]]] = (
+        self.inflight: collections.deque[tuple[Future[list[tuple[bytes, int]]], list[Any]]] = (
             collections.deque()
         )
         self.inflight_bytes = 0
@@ -210,15 +237,31 @@ class _Importer:
             self.known_txn.abort()
             self.known_txn = None
 
-    def _write_staged(self, b3: bytes, sha: bytes | None, data: bytes) -> None:
-        """Queue a staged write.  Writes go to the writer threads in batches (one hand-off per
-        ~64 files, not per file: a per-file hand-off cost more than a small file's syscalls),
-        which compute the sha256 (if not known yet) and do the syscalls while the main thread
-        parses on; hashlib and the syscalls release the GIL."""
-        if b3 in self.staged or b3 in self.queued:
-            return  # the same content twice in one layer: written once
-        self.queued.add(b3)
-        self.batch.append((self._fan_dir(b3), b3, sha, data))
+    # The in-memory content path: hashed, checked and written by the writer threads -------
+    def add_file(self, e: Entry, path: str, data: bytes) -> None:
+        """A regular file read into memory: its entry waits (in order) for the writers to
+        name its content.  The main thread only parses; blake3, the "already stored?" lookup,
+        sha256 and the staging write run in the writer threads, one hand-off per batch of
+        ~64 files (a hand-off per file cost more than a small file's syscalls)."""
+        item = [e, path, False]
+        self.entries.append(item)
+        self._queue(None, None, data, item)
+        if len(self.entries) > _MAX_WAITING:
+            self._submit_batch()
+            while self.entries and not self.entries[0][2]:
+                self._collect()
+
+    def emit(self, e: Entry) -> None:
+        """An entry whose content is settled: written now unless earlier ones still wait."""
+        if self.entries:
+            self.entries.append([e, "", True])
+        else:
+            self.mw.add(e)
+
+    def _queue(
+        self, b3: bytes | None, sha: bytes | None, data: bytes, item: list[Any] | None
+    ) -> None:
+        self.batch.append((b3, sha, data, item))
         self.batch_bytes += len(data)
         if len(self.batch) >= _WRITE_BATCH or self.batch_bytes >= _WRITE_BATCH_BYTES:
             self._submit_batch()
@@ -226,23 +269,40 @@ class _Importer:
     def _submit_batch(self) -> None:
         if not self.batch:
             return
-        self.inflight.append(self.writers.submit(self._write_files, self.batch))
+        batch = self.batch
+        self.inflight.append((self.writers.submit(self._write_files, batch), batch))
         self.inflight_bytes += self.batch_bytes
         self.batch = []
         self.batch_bytes = 0
         while len(self.inflight) > _MAX_INFLIGHT or self.inflight_bytes > _MAX_INFLIGHT_BYTES:
-            self._collect(self.inflight.popleft())
+            self._collect()
 
-    def _collect(self, fut: Future[tuple[int, list[tuple[bytes, int]]]]) -> None:
-        """Record a finished batch: its files are staged under their final staged names."""
-        nbytes, done = fut.result()
-        self.inflight_bytes -= nbytes
-        for b3, size in done:
-            self.queued.discard(b3)
-            self.staged.add(b3)
-            self.staged_new += 1
-            self.staged_bytes += size
-        self.unflushed += nbytes
+    def _collect(self) -> None:
+        """Take the oldest batch's results: name the waiting entries, count what was written,
+        queue what is already stored for pinning; then write out entries now settled."""
+        fut, batch = self.inflight.popleft()
+        results = fut.result()
+        for (b3, status), (_b3, sha, data, item) in zip(results, batch, strict=True):
+            self.inflight_bytes -= len(data)
+            if item is not None:
+                item[0].digest = b3
+                item[2] = True
+            if status == _NEW:
+                self.staged_new += 1
+                self.staged_bytes += len(data)
+                self.unflushed += len(data)
+            elif status == _KNOWN:
+                if self.pinned and b3 in self.pinned:
+                    self.reused += 1
+                else:
+                    self.pending.append((b3, sha or b"", len(data), data))
+                    self.pending_bytes += len(data)
+        entries, hooks = self.entries, self.hooks
+        while entries and entries[0][2]:
+            e, path, _ = entries.popleft()
+            if path and hooks is not None:
+                hooks.content_digest(path, e.digest)  # type: ignore[arg-type]
+            self.mw.add(e)
         if self.unflushed >= _FLUSH_EVERY and (self.flushing is None or self.flushing.done()):
             self.unflushed = 0
             self.flushing = self.flusher.submit(self._flush_early)
@@ -254,51 +314,74 @@ class _Importer:
         finally:
             os.close(fd)
 
-    @staticmethod
     def _write_files(
-        batch: list[tuple[str, bytes, bytes | None, bytes]],
-    ) -> tuple[int, list[tuple[bytes, int]]]:
-        # Created 0444 under its final staged name.  A crash mid-write leaves a partial file
-        # only in this lease's staging directory, which is discarded whole.
-        done: list[tuple[bytes, int]] = []
-        nbytes = 0
-        for fan_dir, b3, sha, data in batch:
-            nbytes += len(data)
-            if sha is None:
-                sha = sha256_of(data)
-            path = os.path.join(fan_dir, b3.hex() + "." + sha.hex())
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            done.append((b3, len(data)))
-        return nbytes, done
+        self, batch: list[tuple[bytes | None, bytes | None, bytes, Any]]
+    ) -> list[tuple[bytes, int]]:
+        """A writer thread: (blake3, status) per item.  Content the index has is not written
+        (``_KNOWN``: the main thread pins it); new content is created 0444 under its final
+        staged name ``<b3>.<sha256>``.  The same content twice in one layer meets O_EXCL
+        (``_DUP``).  A crash mid-write leaves a partial file only in this lease's staging
+        directory, which is discarded whole."""
+        out: list[tuple[bytes, int]] = []
+        files: list[tuple[bytes, bytes]] = []
+        where: list[int] = []
+        txn = None
+        objs = self.idx.db[b"objects"]
+        try:
+            for b3, sha, data, _item in batch:
+                if b3 is None:  # hashlib and blake3 release the GIL: this overlaps the parser
+                    b3 = blake3_of(data)
+                    if txn is None:
+                        txn = self.idx.read()
+                    if txn.get(b3, db=objs) is not None:
+                        out.append((b3, _KNOWN))
+                        continue
+                if sha is None:
+                    sha = sha256_of(data)
+                fan = b3[:1].hex()
+                if fan not in self.fanout_made:
+                    os.makedirs(os.path.join(self.obj_stage, fan), exist_ok=True)
+                    self.fanout_made.add(fan)
+                name = f"{self.obj_stage}/{fan}/{b3.hex()}.{sha.hex()}"
+                where.append(len(out))
+                out.append((b3, _NEW))
+                files.append((os.fsencode(name), data))
+        finally:
+            if txn is not None:
+                txn.abort()
+        if _fastpath is not None and os.environ.get("LAYERSTORE_FASTPATH", "1") != "0":
+            # One GIL release for the whole batch's syscalls instead of three per file.
+            errs = _fastpath.stage_files(files)
+        else:
+            errs = [_write_new(path, data) for path, data in files]
+        for i, err, (path, _) in zip(where, errs, files, strict=True):
+            if err == errno.EEXIST:
+                out[i] = (out[i][0], _DUP)
+            elif err:
+                raise OSError(err, os.strerror(err), os.fsdecode(path))
+        return out
 
     def drain_writes(self) -> None:
         self._submit_batch()
         while self.inflight:
-            self._collect(self.inflight.popleft())
+            self._collect()
 
     def add_content(self, data: bytes) -> bytes:
-        """Handle an in-memory file: reuse if known (pin later), else stage.  Returns blake3.
-
-        blake3 alone decides whether the content is known; sha256 is computed only for content
-        that will be written (or if a known object vanishes before it is pinned).
-        """
+        """Handle an in-memory object now (the manifest, the tar-split): reuse if known (pin
+        later), else stage.  Returns its blake3."""
         b3 = blake3_of(data)
-        if b3 in self.pinned:
+        if self.pinned and b3 in self.pinned:
             self.reused += 1
         elif self._known(b3):
             self.pending.append((b3, b"", len(data), data))
             self.pending_bytes += len(data)
-            if len(self.pending) >= PIN_BATCH or self.pending_bytes >= PIN_BATCH_BYTES:
-                self._flush_pins()
         else:
-            self._write_staged(b3, None, data)
+            self._queue(b3, None, data, None)
         return b3
+
+    def maybe_flush_pins(self) -> None:
+        if len(self.pending) >= PIN_BATCH or self.pending_bytes >= PIN_BATCH_BYTES:
+            self._flush_pins()
 
     def add_stream(self, f: BinaryIO, size: int) -> bytes:
         """Handle a large file: stream it to staging while hashing, then dedup by digest."""
@@ -319,29 +402,31 @@ class _Importer:
 
     def _adopt(self, tmp: str, b3: bytes, sha: bytes, size: int) -> bytes:
         """Take a complete staged file: dedup by digest, else keep it under its staged name."""
-        if b3 in self.pinned or b3 in self.staged or b3 in self.queued:
+        path = self._staged_path(b3, sha)
+        if (self.pinned and b3 in self.pinned) or os.path.exists(path):
             os.unlink(tmp)
             self.reused += b3 in self.pinned
         elif self._known(b3):
             # Keep the staged copy until the pin batch decides: the index might lose it first.
-            os.rename(tmp, self._staged_path(b3, sha))
+            os.rename(tmp, path)
             self.pending.append((b3, sha, size, None))
             self._flush_pins()
         else:
-            os.rename(tmp, self._staged_path(b3, sha))
-            self.staged.add(b3)
+            os.rename(tmp, path)
             self.staged_new += 1
             self.staged_bytes += size
         return b3
 
     def _flush_pins(self) -> None:
         """Pin batch of known digests; anything that vanished meanwhile is staged instead."""
-        if not self.pending:
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        if not pending:
             return
         objs, doomed = self.idx.db[b"objects"], self.idx.db[b"doomed"]
         lost: dict[bytes, tuple[bytes, int, bytes | None]] = {}
         with self.idx.write() as txn:
-            for b3, sha, size, data in self.pending:
+            for b3, sha, size, data in pending:
                 if b3 in self.pinned or b3 in lost:
                     continue
                 # A record being unlinked by gc (doomed) is as good as gone: write our own.
@@ -350,7 +435,7 @@ class _Importer:
                     self.pinned.add(b3)
                 else:
                     lost[b3] = (sha, size, data)
-        for b3, sha, _size, data in self.pending:
+        for b3, sha, _size, data in pending:
             if b3 in self.pinned:
                 self.reused += 1
                 if data is None:  # staged large file no longer needed
@@ -360,18 +445,15 @@ class _Importer:
                         pass
         for b3, (sha, size, data) in lost.items():
             if data is not None:
-                self._write_staged(b3, sha or None, data)
+                self._queue(b3, sha or None, data, None)
             else:  # a large file kept staged for this case
-                self.staged.add(b3)
                 self.staged_new += 1
                 self.staged_bytes += size
-        self.pending.clear()
-        self.pending_bytes = 0
 
     # publish ------------------------------------------------------------------------------
     def publish(self) -> None:
         """Phase 2: make staged objects durable, rename them into objects/, record and pin."""
-        if not self.staged:
+        if not self.fanout_made:
             return  # nothing new (a re-import): no syncfs, no write transaction
         if self.flushing is not None:
             self.flushing.result()
@@ -643,6 +725,7 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
         split = TarSplitWriter(tsf)
         tar = TarReader(blob, recorder=split)
         mw = ManifestWriter(mf)
+        imp.mw = mw
         for m in tar:
             entries += 1
             path = normalize(m.name)
@@ -687,7 +770,9 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     elif imp.hooks is not None and (pre := imp.hooks.take_prestaged(path)):
                         e.digest = imp.add_prestaged(tar, size, pre)  # type: ignore[arg-type]
                     elif size <= MEM_MAX:
-                        e.digest = imp.add_content(tar.read_exact(size, m.name))
+                        imp.add_file(e, path, tar.read_exact(size, m.name))
+                        imp.maybe_flush_pins()
+                        continue  # written out once the writers have named its content
                     else:
                         e.digest = imp.add_stream(tar, size)  # type: ignore[arg-type]
                     if imp.hooks is not None and e.digest is not None:
@@ -713,8 +798,11 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     e.kind = FIFO
                 else:
                     raise InvalidInputError(f"entry {m.name!r} has unsupported tar type {typ!r}")
-            mw.add(e)
+            imp.emit(e)
         tar.drain_rest()
+        imp.drain_writes()
+        if imp.entries:
+            raise StoreError("internal error: manifest entries left unwritten; please report this")
         imp._flush_pins()
         mw.close()
         split.close()
