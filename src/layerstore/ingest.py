@@ -455,8 +455,8 @@ class _Importer:
         """Phase 2: make staged objects durable, rename them into objects/, record and pin."""
         if not self.fanout_made:
             return  # nothing new (a re-import): no syncfs, no write transaction
-        if self.flushing is not None:
-            self.flushing.result()
+        # No need to wait for a background flush still running: syncfs also waits for the
+        # writeback that one started.
         dfd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             syncfs(dfd)
