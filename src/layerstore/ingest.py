@@ -2,12 +2,14 @@
 
 The import runs in three phases so that bad input never changes what the store shows:
 
-1. **Stream.**  Decompress (format detected by magic bytes), parse the tar, validate every name,
-   hash every file (blake3 + sha256).  Content the index already has is *pinned* (a short write
+1. **Stream.**  Decompress (format detected by magic bytes; a producer thread), parse the tar
+   and validate every name (the main thread), hash every file (blake3, and sha256 for new
+   content: two writer threads).  Content the index already has is *pinned* (a short write
    transaction per batch, so gc cannot take it away before our layer references it) and not
-   written again; new content is written to this process's staging directory, named by digest.
-   The manifest is written to staging too.  Any error here discards staging and pins: the store
-   is as it was.
+   written again; new content is written to this process's staging directory, named by digest,
+   and a background ``syncfs`` every 16 MiB starts its writeback early.  The manifest is written
+   to staging too, in tar order.  Any error here discards staging and pins: the store is as it
+   was.
 2. **Publish.**  ``syncfs`` makes staged data durable; then, in write transactions of bounded
    size, each new object is renamed into ``objects/``, recorded (refcount 0) and pinned; a second
    ``syncfs`` makes the renames durable before the transaction commits.  A crash leaves at worst
