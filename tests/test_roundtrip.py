@@ -371,3 +371,35 @@ def test_same_content_twice_in_one_layer_is_stored_once(
     store.materialize(res.diff_id, str(got))
     assert diff_trees(str(gnu_untar(tarball, tmp_path / "x")), str(got)) == []
     assert store.fsck(full=True).exit_code == 0
+
+
+def test_entries_waiting_for_digests_stay_bounded(
+    store: Store, tmp_path: Path, monkeypatch
+) -> None:
+    """Entries behind a file whose digest the writers have not returned wait in a queue; it
+    stays bounded (whatever follows: directories, links, small files) and the manifest keeps
+    tar order -- the same manifest as with an unbounded queue."""
+    from layerstore import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"d{i:03d}").mkdir()
+        (src / f"d{i:03d}" / "f").write_bytes(os.urandom(200))  # an object (> 64 bytes)
+        (src / f"d{i:03d}" / "s").symlink_to("f")
+        (src / f"d{i:03d}" / "t").write_bytes(b"tiny")  # inline
+    tarball = gnu_tar(src, tmp_path / "t.tar")
+    with Store.init(str(tmp_path / "ref")) as ref:
+        expected = ref.import_path(str(tarball)).manifest
+    seen: list[int] = []
+    real_emit = ingest._Importer.emit
+
+    def emit(self, e):  # type: ignore[no-untyped-def]
+        real_emit(self, e)
+        seen.append(len(self.entries))
+
+    monkeypatch.setattr(ingest, "_MAX_WAITING", 8)
+    monkeypatch.setattr(ingest._Importer, "emit", emit)
+    res = store.import_path(str(tarball))
+    assert res.manifest == expected
+    assert max(seen) <= 9 and len(seen) > 900

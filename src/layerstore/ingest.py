@@ -65,6 +65,10 @@ try:  # the optional C fast path (src/layerstore/_fastpath.c); same results with
     from . import _fastpath  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - no compiler where it was installed
     _fastpath = None
+# An extension built from an older source (a stale in-place build) may lack it.
+_stage_files: Callable[[list[tuple[bytes, bytes]]], list[int]] | None = getattr(
+    _fastpath, "stage_files", None
+)
 
 # Files up to this size are kept in the manifest instead of becoming objects.  composefs uses
 # 64 bytes; docs/architecture.md has the measurement behind keeping that value.
@@ -174,6 +178,10 @@ class _Importer:
         self.stage = store.new_staging_dir("import")
         self.obj_stage = os.path.join(self.stage, "objects")
         os.mkdir(self.obj_stage)
+        # Opened before anything is staged: a writeback error on this filesystem from here on
+        # is reported to publish's syncfs through this descriptor (Linux >= 5.8 reports
+        # syncfs errors per open file, to descriptors opened before the error).
+        self.stage_fd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fanout_made: set[str] = set()
         self.pending: list[tuple[bytes, bytes, int, bytes | None]] = []
         self.pending_bytes = 0
@@ -248,17 +256,23 @@ class _Importer:
         item = [e, path, False]
         self.entries.append(item)
         self._queue(None, None, data, item)
-        if len(self.entries) > _MAX_WAITING:
-            self._submit_batch()
-            while self.entries and not self.entries[0][2]:
-                self._collect()
+        self._bound_waiting()
 
     def emit(self, e: Entry) -> None:
         """An entry whose content is settled: written now unless earlier ones still wait."""
         if self.entries:
             self.entries.append([e, "", True])
+            self._bound_waiting()
         else:
-            self.mw.add(e)
+            self.mw.add(e)  # type: ignore[union-attr]
+
+    def _bound_waiting(self) -> None:
+        """Keep the waiting entries bounded (an entry can carry megabytes of xattrs): past
+        the bound, hand over the partial batch and wait until the oldest entry is named."""
+        if len(self.entries) > _MAX_WAITING:
+            self._submit_batch()
+            while self.entries and not self.entries[0][2]:
+                self._collect()
 
     def _queue(
         self, b3: bytes | None, sha: bytes | None, data: bytes, item: list[Any] | None
@@ -306,6 +320,8 @@ class _Importer:
                 hooks.content_digest(path, e.digest)  # type: ignore[arg-type]
             self.mw.add(e)
         if self.unflushed >= _FLUSH_EVERY and (self.flushing is None or self.flushing.done()):
+            if self.flushing is not None:
+                self.flushing.result()  # a writeback error fails the import here
             self.unflushed = 0
             self.flushing = self.flusher.submit(self._flush_early)
 
@@ -351,9 +367,9 @@ class _Importer:
         finally:
             if txn is not None:
                 txn.abort()
-        if _fastpath is not None and os.environ.get("LAYERSTORE_FASTPATH", "1") != "0":
+        if _stage_files is not None and os.environ.get("LAYERSTORE_FASTPATH", "1") != "0":
             # One GIL release for the whole batch's syscalls instead of three per file.
-            errs = _fastpath.stage_files(files)
+            errs = _stage_files(files)
         else:
             errs = [_write_new(path, data) for path, data in files]
         for i, err, (path, _) in zip(where, errs, files, strict=True):
@@ -458,31 +474,28 @@ class _Importer:
         if not self.fanout_made:
             return  # nothing new (a re-import): no syncfs, no write transaction
         # No need to wait for a background flush still running: syncfs also waits for the
-        # writeback that one started.
-        dfd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs(dfd)
-            # The staged names carry both digests; scanning them keeps memory flat however
-            # many objects the layer has.
-            batch: list[tuple[str, bytes, bytes, int]] = []
-            for fan in sorted(self.fanout_made):
-                with os.scandir(os.path.join(self.obj_stage, fan)) as it:
-                    for de in it:
-                        name = de.name
-                        if name.endswith(".tmp"):
-                            continue
-                        b3h, _, shah = name.partition(".")
-                        b3 = bytes.fromhex(b3h)
-                        if b3 in self.pinned:
-                            continue
-                        batch.append((de.path, b3, bytes.fromhex(shah), de.stat().st_size))
-                        if len(batch) >= PUBLISH_BATCH:
-                            self._publish_batch(batch, dfd)
-                            batch = []
-            if batch:
-                self._publish_batch(batch, dfd)
-        finally:
-            os.close(dfd)
+        # writeback that one started, and reports its errors through ``stage_fd``.
+        dfd = self.stage_fd
+        syncfs(dfd)
+        # The staged names carry both digests; scanning them keeps memory flat however many
+        # objects the layer has.
+        batch: list[tuple[str, bytes, bytes, int]] = []
+        for fan in sorted(self.fanout_made):
+            with os.scandir(os.path.join(self.obj_stage, fan)) as it:
+                for de in it:
+                    name = de.name
+                    if name.endswith(".tmp"):
+                        continue
+                    b3h, _, shah = name.partition(".")
+                    b3 = bytes.fromhex(b3h)
+                    if b3 in self.pinned:
+                        continue
+                    batch.append((de.path, b3, bytes.fromhex(shah), de.stat().st_size))
+                    if len(batch) >= PUBLISH_BATCH:
+                        self._publish_batch(batch, dfd)
+                        batch = []
+        if batch:
+            self._publish_batch(batch, dfd)
 
     def _rename_all(self, moves: list[tuple[str, str]]) -> None:
         """Rename staged objects into objects/, half of them on a writer thread (rename
@@ -681,6 +694,7 @@ def run_import(
         imp.end_known()
         imp.writers.shutdown(wait=True, cancel_futures=True)
         imp.flusher.shutdown(wait=True, cancel_futures=True)
+        os.close(imp.stage_fd)
         store.release_import_pins(imp.pinned)
         shutil.rmtree(imp.stage, ignore_errors=True)
 
@@ -697,8 +711,11 @@ def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
         start = stream.tell()
     except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return None
+    size = st.st_size - start
+    if size <= 0:
+        return None  # nothing (more) to read: the normal path reports it
     with store.index.read() as txn:
-        if not store.index.has_blob_of_size(txn, st.st_size - start):
+        if not store.index.has_blob_of_size(txn, size):
             return None  # no stored blob has this size: not worth a read of the whole file
     h = hashlib.sha256()
     while chunk := stream.read(_READ):
