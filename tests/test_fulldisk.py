@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LoopFS, make_loopfs, unmount
+from conftest import IS_ROOT, LoopFS, make_loopfs, unmount
 from test_hostile import index_dump, object_files, staging_leftovers
 
 from layerstore import Store
@@ -70,3 +72,42 @@ def test_import_on_a_full_filesystem(small_xfs: LoopFS, monkeypatch, fastpath: s
         res = st.import_tar(io.BytesIO(big))
         assert res.new_objects == 100 + 2  # its files, its manifest, its tar-split
         assert st.fsck(full=True).exit_code == 0
+
+
+def test_index_filesystem_full_during_an_import(tmp_path: Path) -> None:
+    """The objects fit but the index cannot grow (its directory is a tiny tmpfs, so the
+    kernel really answers ENOSPC to LMDB's page writes): a clear StoreError instead of a raw
+    lmdb error, no layer, and after space is freed and the store reopened, gc removes what
+    the failed import left and the same import succeeds."""
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    root = tmp_path / "store"
+    Store.init(str(root)).close()
+    idx = root / "index"
+    saved = tmp_path / "index-saved"
+    shutil.move(idx, saved)
+    idx.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(idx)], check=True)
+    try:
+        for f in saved.iterdir():
+            shutil.copy(f, idx / f.name)
+        layer = _tar({f"f{i:04d}": os.urandom(100) for i in range(3000)})
+        st = Store(str(root))
+        try:
+            with pytest.raises(StoreError, match="the index could not be written"):
+                st.import_tar(io.BytesIO(layer))
+        finally:
+            st.close()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(idx)], check=True)
+        with Store(str(root)) as st:
+            assert st.layers(include_deleted=True) == []
+            g = st.gc()
+            # the failed import published its objects (files renamed, maybe records) but no
+            # layer: gc collects every one of them
+            assert g.objects_freed + g.orphans_removed == 3000 + 2, g
+            assert st.fsck(full=True).exit_code == 0
+            res = st.import_tar(io.BytesIO(layer))
+            assert res.new_objects == 3000 + 2
+            assert st.fsck(full=True).exit_code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(idx)], check=False)

@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import click
+import lmdb
 from tqdm import tqdm
 
 from .chunked import open_source
 from .errors import LayerstoreError
+from .index import index_error
 from .store import ENV_STORE, Store, default_store_path
 
 
@@ -543,6 +545,10 @@ def main() -> None:
     except LayerstoreError as exc:
         click.echo(f"layerstore: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except lmdb.Error as exc:  # an index write the operation itself did not anticipate
+        err = index_error(exc, "the operation")
+        click.echo(f"layerstore: error: {err}", err=True)
+        sys.exit(err.exit_code)
     except BrokenPipeError:
         sys.exit(141)
 

@@ -113,6 +113,18 @@ def check_data_file(path: str) -> None:
             )
 
 
+def index_error(exc: lmdb.Error, what: str) -> StoreError:
+    """An LMDB failure as an error a user can act on.  The usual cause is a full filesystem
+    under the store (LMDB then reports ENOSPC or EIO from its page writes).  Nothing of the
+    failed transaction is visible; after such a failure LMDB refuses further writes in this
+    process, so the store must be reopened."""
+    return StoreError(
+        f"{what} failed: the index could not be written ({exc}). Nothing of it was recorded. "
+        "If the filesystem holding the store is full, free space (`layerstore gc` removes what "
+        "this left behind), then open the store again and retry"
+    )
+
+
 def blob_size_key(size: int, comp: bytes) -> bytes:
     """Key of the ``blob_sizes`` hint: big-endian size first, so one size is one key range."""
     return size.to_bytes(8, "big") + comp

@@ -37,12 +37,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
+import lmdb
+
 from . import leases
 from .blobs import BlobReader, detect_compression
 from .digests import DigestSet, DualHasher, blake3_of, sha256_of
 from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from .fsutil import syncfs
-from .index import ObjectRecord
+from .index import ObjectRecord, index_error
 from .manifest import (
     BLOCK,
     CHAR,
@@ -688,6 +690,8 @@ def run_import(
                 "Free space (e.g. `layerstore gc`) and retry"
             ) from None
         raise
+    except lmdb.Error as exc:
+        raise index_error(exc, "the import") from None
     finally:
         if blob is not None:
             blob.abort()
