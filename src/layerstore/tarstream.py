@@ -100,9 +100,12 @@ def _num256(b: bytes) -> int:
     return int.from_bytes(b[1:], "big") | ((b[0] & 0x3F) << (8 * (len(b) - 1)))
 
 
+_ZERO_BLOCK: Final = bytes(BLOCK)
+
+
 def _checksum_ok(h: bytes) -> bool:
     stored = _num(h[148:156], "chksum")
-    unsigned = sum(h[:148]) + 8 * 32 + sum(h[156:])
+    unsigned = sum(h) - sum(h[148:156]) + 8 * 32  # the field itself counts as spaces
     if stored == unsigned:
         return True
     signed = sum((c - 256 if c > 127 else c) for c in h[:148] + b" " * 8 + h[156:])
@@ -269,7 +272,7 @@ class TarReader:
                     "(truncated)"
                 )
             h = self._take(BLOCK, "a header")
-            if h == bytes(BLOCK):
+            if h == _ZERO_BLOCK:
                 return None  # end of archive (a second zero block, if any, is trailing data)
             if not _checksum_ok(h):
                 raise InvalidInputError(
