@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .chunker import Chunk, chunk_file
 from .manifest import REG
@@ -88,46 +88,25 @@ def lookup_tiny(txn: object, db: object, sha: bytes) -> bytes | None:
     return None if v is None else bytes(v)
 
 
-def sweep(store: Store, batch: int = 8192) -> int:
+def sweep(store: Store) -> int:
     """Drop chunk entries and chunked-markers whose object has no record (gc's last step).
 
-    Bounded write transactions over a cursor: the write lock is never held for long.  The
-    record check and the delete are in one transaction, so an entry whose object exists is never
-    dropped; one whose object is published again later is merely re-learned on the next import.
-    Tiny-content keys stand alone (no object) and stay.
+    The record check and the delete are in one transaction (``Index.sweep``), so an entry whose
+    object exists is never dropped; one whose object is published again later is merely
+    re-learned on the next import.  Tiny-content keys stand alone (no object) and stay.
     """
-    idx = store.index
-    objs, db = idx.db[b"objects"], idx.db[b"chunks"]
-    dropped = 0
-    start = b""
-    while True:
-        with idx.write() as txn:
-            cur = txn.cursor(db=db)
-            if not cur.set_range(start):
-                break
-            doomed: list[bytes] = []
-            n = 0
-            done = True
-            for k, v in cur.iternext():
-                k = bytes(k)
-                if n >= batch:
-                    start, done = k, False
-                    break
-                n += 1
-                if len(k) == 32:
-                    b3 = bytes(v)[:32]
-                elif k[:1] == _MARK and len(k) == 33:
-                    b3 = k[1:]
-                else:
-                    continue
-                if txn.get(b3, db=objs) is None:
-                    doomed.append(k)
-            for k in doomed:  # after the scan: deleting under a live cursor would skip keys
-                txn.delete(k, db=db)
-            dropped += len(doomed)
-        if done:
-            break
-    return dropped
+    objs = store.index.db[b"objects"]
+
+    def stale(txn: Any, k: bytes, v: bytes) -> bool:
+        if len(k) == 32:
+            b3 = v[:32]
+        elif k[:1] == _MARK and len(k) == 33:
+            b3 = k[1:]
+        else:
+            return False
+        return txn.get(b3, db=objs) is None
+
+    return store.index.sweep(b"chunks", stale)
 
 
 def _chunk_object(path: str, size: int) -> list[Chunk] | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -280,31 +280,43 @@ class Index:
                 return True
         return False
 
-    def sweep_blob_sizes(self, batch: int = 8192) -> int:
-        """Drop size hints whose compressed alias is gone (gc's last step); bounded write
-        transactions.  Returns how many were dropped."""
+    def sweep_blob_sizes(self) -> int:
+        """Drop size hints whose compressed alias is gone (gc's last step)."""
+        comp_db = self.db[b"compressed"]
+        return self.sweep(b"blob_sizes", lambda txn, k, _v: txn.get(k[8:], db=comp_db) is None)
+
+    def sweep(
+        self,
+        name: bytes,
+        stale: Callable[[lmdb.Transaction, bytes, bytes], bool],
+        batch: int = 8192,
+    ) -> int:
+        """Delete the keys of database ``name`` that ``stale(txn, key, value)`` condemns, in
+        bounded write transactions over a cursor (the write lock is never held for long).  The
+        check and the delete share a transaction, so nothing changes between them.  Returns
+        how many were deleted."""
+        db = self.db[name]
         dropped = 0
         start = b""
-        comp_db, db = self.db[b"compressed"], self.db[b"blob_sizes"]
         while True:
             with self.write() as txn:
                 cur = txn.cursor(db=db)
                 if not cur.set_range(start):
                     return dropped
-                stale: list[bytes] = []
+                doomed: list[bytes] = []
                 n = 0
                 done = True
-                for k in cur.iternext(values=False):
+                for k, v in cur.iternext():
                     k = bytes(k)
                     if n >= batch:
                         start, done = k, False
                         break
                     n += 1
-                    if txn.get(k[8:], db=comp_db) is None:
-                        stale.append(k)
-                for k in stale:  # after the scan: deleting under a live cursor would skip keys
+                    if stale(txn, k, bytes(v)):
+                        doomed.append(k)
+                for k in doomed:  # after the scan: deleting under a live cursor would skip keys
                     txn.delete(k, db=db)
-                dropped += len(stale)
+                dropped += len(doomed)
             if done:
                 return dropped
 

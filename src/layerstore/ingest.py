@@ -222,7 +222,8 @@ class _Importer:
 
     # staging -----------------------------------------------------------------------------
     def _fan_dir(self, b3: bytes) -> str:
-        """The staging fan-out directory of a digest (created on first use; main thread)."""
+        """The staging fan-out directory of a digest, created on first use (by any thread:
+        ``makedirs(exist_ok=True)`` makes a race between the writers harmless)."""
         fan = b3[:1].hex()
         d = os.path.join(self.obj_stage, fan)
         if fan not in self.fanout_made:
@@ -358,14 +359,9 @@ class _Importer:
                         continue
                 if sha is None:
                     sha = sha256_of(data)
-                fan = b3[:1].hex()
-                if fan not in self.fanout_made:
-                    os.makedirs(os.path.join(self.obj_stage, fan), exist_ok=True)
-                    self.fanout_made.add(fan)
-                name = f"{self.obj_stage}/{fan}/{b3.hex()}.{sha.hex()}"
                 where.append(len(out))
                 out.append((b3, _NEW))
-                files.append((os.fsencode(name), data))
+                files.append((os.fsencode(self._staged_path(b3, sha)), data))
         finally:
             if txn is not None:
                 txn.abort()
@@ -849,8 +845,6 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
         imp._flush_pins()
         mw.close()
         split.close()
-    imp.drain_writes()
-    imp.end_known()
     # Manifest and tar-split are objects like any other: hashed, staged under their digest.
     mb3, tsb3 = b"", b""
     for path in (mpath, tspath):
