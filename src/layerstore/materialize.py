@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CorruptObjectError, DestinationError, InvalidInputError, UnsafePathError
 from .fsutil import Cloner, CopyMethod, open_beneath, rename_noreplace, syncfs
 from .manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, read_manifest
-from .paths import parent
+from .paths import WHITEOUT_PREFIX, parent, whiteout_target
 
 try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
     from . import _fastpath  # type: ignore[attr-defined]
@@ -193,23 +193,39 @@ class _Builder:
             shutil.rmtree(name, dir_fd=pfd)
 
     def apply_whiteouts(self, manifest: str) -> None:
-        """Flattening: remove what this layer's whiteouts hide in the layers below."""
+        """Flattening: remove what this layer's whiteouts hide in the layers below.
+
+        The whiteout's directory is opened with the same confinement as creation
+        (:func:`open_beneath`: no symlink on the path, nothing outside the tree), and its
+        target must be one name inside that directory (:func:`whiteout_target`), so neither a
+        name like ``.wh...`` nor a lower layer's symlink can make this delete anything outside
+        the staging tree.  A directory that does not exist below hides nothing.
+        """
         with open(manifest, "rb") as mf:
             for e in read_manifest(mf):
-                if e.kind != REG or not _is_whiteout(e):
+                if e.kind != REG:
                     continue
-                par, _, name = e.path.rpartition("/")
-                par = par or "."
+                target = whiteout_target(e.path)
+                if target is None:
+                    continue
+                par = parent(e.path)
                 try:
                     pfd = open_beneath(self.root_fd, par, os.O_RDONLY | os.O_DIRECTORY)
                 except (FileNotFoundError, NotADirectoryError):
                     continue  # nothing below to hide
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.EXDEV):
+                        raise UnsafePathError(
+                            f"whiteout {e.path!r} is reached through a symlink of a lower "
+                            "layer; layers may not write through symlinks"
+                        ) from None
+                    raise
                 try:
-                    if name == OPAQUE:
+                    if target == "":
                         for child in os.listdir(pfd):
                             self._clear(pfd, child)
                     else:
-                        self._clear(pfd, name[len(WHITEOUT) :])
+                        self._clear(pfd, target)
                 finally:
                     os.close(pfd)
                 self.dirfds_invalidate()
@@ -220,22 +236,28 @@ class _Builder:
 
     def make_overlay_whiteout(self, e: Entry) -> None:
         """overlay lower-dir form: a 0/0 char device, or the opaque xattr on the directory."""
-        par, _, name = e.path.rpartition("/")
-        par = par or "."
-        if name == OPAQUE:
+        target = whiteout_target(e.path)
+        assert target is not None  # the caller checked _is_whiteout
+        par = parent(e.path)
+        pfd = self.dir_fd(par)  # confined: refuses a symlink or file on the path
+        if target == "":
             self.opaque.append(par)  # set after directory metadata (chown drops xattrs)
             return
-        pfd = self.dir_fd(par)
         try:
-            os.mknod(name[len(WHITEOUT) :], 0o020000 | 0o600, os.makedev(0, 0), dir_fd=pfd)
+            os.mknod(target, 0o020000 | 0o600, os.makedev(0, 0), dir_fd=pfd)
         except PermissionError:
             self.skip("whiteout-device")
             return
-        self._meta_nofollow(pfd, name[len(WHITEOUT) :], e)
+        self._meta_nofollow(pfd, target, e)
 
     def apply_opaque_marks(self) -> None:
         for par in self.opaque:
-            fd = open_beneath(self.root_fd, par, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fd = open_beneath(self.root_fd, par, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                raise UnsafePathError(
+                    f"opaque directory {par!r} is no longer a directory inside the tree ({exc})"
+                ) from None
             try:
                 os.setxattr(fd, "trusted.overlay.opaque", b"y")
             except PermissionError:
@@ -491,10 +513,6 @@ def _current_umask() -> int:
     return 0o777  # unknown: assume the worst, so every file gets an explicit fchmod
 
 
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
-
-
 def _prepare(store: Store, dest: str, mode: str) -> tuple[str, str]:
     if mode not in MODES:
         raise InvalidInputError(f"materialize mode must be one of {', '.join(MODES)}")
@@ -512,7 +530,7 @@ def _prepare(store: Store, dest: str, mode: str) -> tuple[str, str]:
 
 
 def _is_whiteout(e: Entry) -> bool:
-    return e.path.rpartition("/")[2].startswith(WHITEOUT)
+    return e.path.rpartition("/")[2].startswith(WHITEOUT_PREFIX)
 
 
 def _apply_layer(

@@ -6,7 +6,11 @@ Tar names are untrusted.  The rule, applied identically to entry names and hardl
   normalization -- the entry stays inside the layer);
 * ``..`` anywhere is refused (:class:`UnsafePathError`): no normalization can make its meaning
   inside the layer certain once symlinks are involved;
-* empty names, NUL bytes, names over 4096 bytes or components over 255 bytes are refused.
+* empty names, NUL bytes, names over 4096 bytes or components over 255 bytes are refused;
+* a component ``.wh.``, ``.wh..`` or ``.wh...`` is refused: as a file it would be the overlay
+  whiteout of the empty name, of ``.`` or of ``..`` -- the directory itself or its parent, i.e.
+  a path outside the entry's directory.  No real layer has such a name; a hostile one uses it
+  to make a flattening materialize delete the destination's parent (issue 11).
 
 The layer root itself is the path ``"."``.
 """
@@ -21,6 +25,11 @@ from .errors import UnsafePathError
 PATH_MAX: Final = 4096
 NAME_MAX: Final = 255
 
+WHITEOUT_PREFIX: Final = ".wh."
+OPAQUE_MARKER: Final = ".wh..wh..opq"
+# Components whose whiteout target is not a name inside their directory.
+_BAD_WHITEOUTS: Final = frozenset((".wh.", ".wh..", ".wh..."))
+
 
 def normalize(name: str, what: str = "entry") -> str:
     """Return the normalized relative path of a tar name, or raise UnsafePathError."""
@@ -34,6 +43,11 @@ def normalize(name: str, what: str = "entry") -> str:
             raise UnsafePathError(
                 f"{what} name {name!r} contains '..'; layers may not refer outside their root"
             )
+        if comp in _BAD_WHITEOUTS:
+            raise UnsafePathError(
+                f"{what} name {name!r} contains {comp!r}: a whiteout of "
+                f"{comp[len(WHITEOUT_PREFIX) :]!r} would hide a path outside its directory"
+            )
         if len(comp.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise UnsafePathError(f"{what} name {name!r} has a component over {NAME_MAX} bytes")
         parts.append(comp)
@@ -41,6 +55,28 @@ def normalize(name: str, what: str = "entry") -> str:
     if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
         raise UnsafePathError(f"{what} name {name[:80]!r}... is longer than {PATH_MAX} bytes")
     return path
+
+
+def whiteout_target(path: str) -> str | None:
+    """The name a whiteout entry at ``path`` hides in its directory, or None.
+
+    ``.wh.NAME`` hides ``NAME``; the opaque marker ``.wh..wh..opq`` returns ``""`` (it hides
+    the whole directory's lower contents).  A target that is not a single name inside the
+    directory (empty, ``.``, ``..``, or with a ``/``) raises UnsafePathError: the import refuses
+    such names already (:func:`normalize`), and materialization checks again because a
+    manifest may come from an older version that did not.
+    """
+    base = path.rpartition("/")[2]
+    if not base.startswith(WHITEOUT_PREFIX):
+        return None
+    if base == OPAQUE_MARKER:
+        return ""
+    target = base[len(WHITEOUT_PREFIX) :]
+    if target in ("", ".", "..") or "/" in target or "\x00" in target:
+        raise UnsafePathError(
+            f"whiteout {path!r} would hide {target!r}, which is not a name inside its directory"
+        )
+    return target
 
 
 def parent(path: str) -> str:
