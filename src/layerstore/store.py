@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -500,19 +501,24 @@ class Store:
             if os.path.lexists(dest):
                 raise DestinationError(f"{dest} exists; materialize creates a new directory")
             os.mkdir(dest, 0o755)
-            return [
-                materialize(
-                    self,
-                    m,
-                    os.path.join(dest, str(i)),
-                    mode=mode,
-                    progress=progress,
-                    sync=sync,
-                    ordered=True,
-                    overlay=True,
-                )
-                for i, m in enumerate(manifests)
-            ]
+            try:
+                return [
+                    materialize(
+                        self,
+                        m,
+                        os.path.join(dest, str(i)),
+                        mode=mode,
+                        progress=progress,
+                        sync=sync,
+                        ordered=True,
+                        overlay=True,
+                    )
+                    for i, m in enumerate(manifests)
+                ]
+            except BaseException:
+                # all or nothing, like the flattened form: drop the layers already built
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
         finally:
             for d in pinned:
                 self._unpin_layer(d)
