@@ -1,18 +1,20 @@
 """The ``layerstore`` command line (click for parsing, tqdm for progress).
 
-Exit codes: 0 success; 1 unexpected error; 2 bad input; 3 store unusable; 4 not found;
-5 corrupt object; 6 bad destination; 7 concurrency conflict (retry).  ``fsck`` and ``gc`` add
+Exit codes: 0 success; 2 bad input; 3 store unusable; 4 not found; 5 corrupt object; 6 bad
+destination; 7 concurrency conflict (retry); 9 in use; 70 internal error (a bug: please
+report it); 130 interrupted.  ``fsck`` and ``gc`` add
 their own (docs/operations.md).  ``--json`` prints one JSON document on stdout and nothing else.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import click
 import lmdb
@@ -23,9 +25,17 @@ from .errors import LayerstoreError
 from .index import index_error
 from .store import ENV_STORE, Store, default_store_path
 
+EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)
+
+
+# The store root of this invocation, for classifying an OS error nobody anticipated (main).
+_store_root: str | None = None
+
 
 class Ctx:
     def __init__(self, store: str, as_json: bool, quiet: bool) -> None:
+        global _store_root
+        _store_root = os.path.abspath(store)
         self.store_path = store
         self.json = as_json
         self.quiet = quiet
@@ -494,29 +504,33 @@ def fsck(
     from .fsck import EXIT_ERROR
     from .fsck import rebuild_index as rebuild
 
-    if rebuild_index:
-        out = rebuild(c.store_path)
-        c.out(out, lambda: click.echo(json.dumps(out, indent=2)))
-        sys.exit(0 if not out["problems_after_rebuild"] else 4)
-    try:
-        st = c.open()
-    except LayerstoreError as exc:
-        err = str(exc)
-        c.out(
-            {"exit_code": EXIT_ERROR, "error": err},
-            lambda: click.echo(
-                f"fsck: cannot open the store: {err}\n"
-                "If the index is damaged, `layerstore fsck --rebuild-index` recreates it from "
-                "objects/ and layers/.",
-                err=True,
-            ),
+    def could_not_check(exc: BaseException) -> NoReturn:
+        # fsck's contract is its own exit codes: whatever stopped it is "could not check" (8),
+        # said on stderr even with -q (an unattended run must leave a reason in its log).
+        err = _os_error(exc)[0] if isinstance(exc, OSError) else str(exc)
+        if isinstance(exc, lmdb.Error):
+            err = f"the index cannot be read ({exc})"
+        if c.json:
+            click.echo(json.dumps({"exit_code": EXIT_ERROR, "error": err}, indent=2))
+        click.echo(
+            f"fsck: could not check the store: {err}\n"
+            "If the index is damaged or lost, `layerstore fsck --rebuild-index` recreates it "
+            "from objects/ and layers/.",
+            err=True,
         )
         sys.exit(EXIT_ERROR)
-    with st:
-        with c.progress(None, "objects", "fsck") as upd:
+
+    try:
+        if rebuild_index:
+            out = rebuild(c.store_path)
+            c.out(out, lambda: click.echo(json.dumps(out, indent=2)))
+            sys.exit(0 if not out["problems_after_rebuild"] else 4)
+        with c.open() as st, c.progress(None, "objects", "fsck") as upd:
             r = st.fsck(
                 full=not quick, deep=deep, repair=repair, sources=list(sources), progress=upd
             )
+    except (LayerstoreError, OSError, lmdb.Error) as exc:
+        could_not_check(exc)
 
     def human() -> None:
         for p in r.problems:
@@ -533,7 +547,35 @@ def fsck(
     sys.exit(r.exit_code)
 
 
+def _os_error(exc: OSError) -> tuple[str, int]:
+    """An OS error no code path diagnosed, as a message and a documented exit code.
+
+    Every expected failure is raised as a LayerstoreError where it happens; this is the net
+    under them, so that a user never sees a traceback (issue 11).  The exit code follows the
+    path the error names: inside the store it is the store that is unusable (3), anywhere else
+    it is the input or destination the user named (2).  ``LAYERSTORE_DEBUG=1`` re-raises.
+    """
+    name = exc.filename if isinstance(exc.filename, str) else None
+    what = exc.strerror or str(exc)
+    inside = (
+        name is not None
+        and _store_root is not None
+        and (os.path.abspath(name) + "/").startswith(_store_root.rstrip("/") + "/")
+    )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free space (`layerstore gc` removes what this left behind) and retry"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "run as a user who may write there, or check how it is mounted"
+    elif inside:
+        hint = "the store's layout is damaged: run `layerstore fsck`"
+    else:
+        hint = "check the path and retry"
+    where = f" ({name})" if name else ""
+    return f"{what}{where}: {hint}", 3 if inside else 2
+
+
 def main() -> None:
+    debug = os.environ.get("LAYERSTORE_DEBUG") == "1"
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -551,6 +593,25 @@ def main() -> None:
         sys.exit(err.exit_code)
     except BrokenPipeError:
         sys.exit(141)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        msg, code = _os_error(exc)
+        click.echo(f"layerstore: error: {msg}", err=True)
+        sys.exit(code)
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for LAYERSTORE_DEBUG
+        if debug:
+            raise
+        click.echo(
+            f"layerstore: internal error: {type(exc).__name__}: {exc}\n"
+            "This is a bug in layerstore; please report it with the command that caused it "
+            "(LAYERSTORE_DEBUG=1 prints the traceback).",
+            err=True,
+        )
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

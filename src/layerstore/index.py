@@ -25,6 +25,7 @@ Named databases (keys are raw 32-byte digests unless noted; the layout is in doc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -125,6 +126,38 @@ def index_error(exc: lmdb.Error, what: str) -> StoreError:
     )
 
 
+# LMDB's lock file: a header plus one 64-byte slot per reader (max_readers=1024), rounded up.
+_LOCK_FILE_BYTES = 256 * 1024
+
+
+def _reserve_lock_file(path: str) -> None:
+    """Give ``lock.mdb`` its disk blocks before LMDB maps it.
+
+    LMDB memory-maps the lock file and writes reader slots through the mapping; on a full
+    filesystem a freshly created (sparse) lock file then kills the process with SIGBUS at the
+    first write instead of failing a call (seen with ``fsck --rebuild-index`` on a full tmpfs).
+    Allocating the blocks up front turns that into ENOSPC here, which we can report.  An
+    existing, allocated file costs one no-op fallocate.
+    """
+    lock = os.path.join(path, "lock.mdb")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        return  # no index directory: lmdb.open reports it
+    try:
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(
+                f"no space left to open the index at {path}: free space on the filesystem "
+                "holding the store and retry"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
 def blob_size_key(size: int, comp: bytes) -> bytes:
     """Key of the ``blob_sizes`` hint: big-endian size first, so one size is one key range."""
     return size.to_bytes(8, "big") + comp
@@ -155,6 +188,8 @@ class Index:
         self.path = path
         self.pid = os.getpid()
         check_data_file(os.path.join(path, "data.mdb"))
+        if not readonly:
+            _reserve_lock_file(path)
         try:
             self.env = lmdb.open(
                 path,
