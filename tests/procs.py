@@ -184,5 +184,14 @@ def cmd_partial_slow(store: str, blob: str, annotations: str, marker: str, delay
         sys.exit(1)
 
 
+def cmd_pin_layer_and_wait(store: str, diff_id: str) -> None:
+    """Pin a layer as a materialization reading it does, then wait to be killed."""
+    st = Store(store)
+    with st.index.write() as txn:
+        leases.pin_layer(st.index, txn, st.lease.id, bytes.fromhex(diff_id.removeprefix("sha256:")))
+    say(event="pinned")
+    time.sleep(3600)
+
+
 if __name__ == "__main__":
     globals()["cmd_" + sys.argv[1].replace("-", "_")](*sys.argv[2:])

@@ -44,7 +44,7 @@ from .blobs import BlobReader, detect_compression
 from .digests import DigestSet, DualHasher, blake3_of, sha256_of
 from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from .fsutil import syncfs
-from .index import ObjectRecord, index_error
+from .index import ObjectRecord, index_error, layer_unproved
 from .manifest import (
     BLOCK,
     CHAR,
@@ -122,6 +122,9 @@ class ImportResult:
     stats: dict[str, int] = field(default_factory=dict)
     # zstd:chunked partial imports: bytes read vs blob size, what was reused (else None)
     partial: dict[str, Any] | None = None
+    # The store held this DiffID only unproved (a TOC-only import); this import proved it and
+    # replaced that record's content with its own (``Store._commit_layer``).
+    proved_unproved: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -642,7 +645,7 @@ def run_import(
         result.compression = compression
         result.diff_id = "sha256:" + diff_id.hex()
         result.compressed_digest = "sha256:" + comp_digest.hex() if record_compressed else ""
-        present = store._commit_layer(
+        outcome = store._commit_layer(
             diff_id,
             comp_digest if record_compressed else None,
             bytes.fromhex(result.manifest),
@@ -662,7 +665,9 @@ def run_import(
             imp.pinned,
             blob.total_in if record_compressed else None,
         )
+        present = outcome == "present"
         result.already_present = present
+        result.proved_unproved = outcome == "proved"
         if imp.tiny:
             from .chunkindex import record_tiny
 
@@ -726,8 +731,8 @@ def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
     with idx.read() as txn:
         diff_id = txn.get(comp, db=idx.db[b"compressed"])
         rec = idx.get_layer(txn, bytes(diff_id)) if diff_id is not None else None
-    if rec is None or rec.get("state") != "live" or rec.get("damaged"):
-        return None
+    if rec is None or rec.get("state") != "live" or rec.get("damaged") or layer_unproved(rec):
+        return None  # an unproved layer is never what a blob's digest stands for
     result = ImportResult.stored(bytes(diff_id), rec, "sha256:" + comp.hex())
     result.stats = {"shortcut": 1}  # recognised by its compressed digest
     return result

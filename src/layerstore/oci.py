@@ -58,6 +58,8 @@ class ImageResult:
     reused_layers: int = 0
     seconds: float = 0.0
     per_layer: list[dict[str, Any]] = field(default_factory=list)
+    # Layers of the image whose DiffID nothing verified (TOC-only imports), "sha256:..."
+    unproved: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -271,6 +273,7 @@ def import_layout(
     except BaseException:
         _rollback(store, created)
         raise
+    result.unproved = ["sha256:" + h for h in store.image(name)["unproved"]]
     result.new_layers = len(created)
     result.reused_layers = len(result.layers) - len(created)
     result.seconds = time.monotonic() - t0
