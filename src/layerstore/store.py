@@ -707,8 +707,9 @@ class Store:
         """One transaction: the image record, +1 image reference per layer it lists."""
         import base64
 
-        if not name or len(name.encode()) > 255 or "\x00" in name:
-            raise InvalidInputError(f"bad image name {name!r}")
+        from .oci import check_image_name
+
+        check_image_name(name)
         idx = self.index
         with idx.write() as txn:
             raw = txn.get(name.encode(), db=idx.db[b"images"])
