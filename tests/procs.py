@@ -184,5 +184,33 @@ def cmd_partial_slow(store: str, blob: str, annotations: str, marker: str, delay
         sys.exit(1)
 
 
+def cmd_pin_layer_and_wait(store: str, diff_id: str) -> None:
+    """Pin a layer as a materialization reading it does, then wait to be killed."""
+    st = Store(store)
+    with st.index.write() as txn:
+        leases.pin_layer(st.index, txn, st.lease.id, bytes.fromhex(diff_id.removeprefix("sha256:")))
+    say(event="pinned")
+    time.sleep(3600)
+
+
+def cmd_import_oci_stall(store: str, layout: str, ref: str) -> None:
+    """Import an image, stalling after its first layer is committed (to be interrupted with
+    SIGINT, as Ctrl-C does, or killed)."""
+    st = Store(store)
+
+    def on_layer(i: int, n: int, info: dict) -> None:  # type: ignore[type-arg]
+        if i == 0:
+            say(event="layer", diff_id=info["diff_id"], new=info["new"])
+            time.sleep(3600)
+
+    try:
+        st.import_oci(layout, ref=ref, on_layer=on_layer)
+    except KeyboardInterrupt:
+        say(event="interrupted")
+        st.close()
+        sys.exit(130)
+    say(event="done")
+
+
 if __name__ == "__main__":
     globals()["cmd_" + sys.argv[1].replace("-", "_")](*sys.argv[2:])

@@ -254,8 +254,18 @@ def _tar(entries: list[tuple[str, bytes | None]]) -> bytes:
     return buf.getvalue()
 
 
-def _layout(root: Path, layers: list[bytes]) -> Path:
-    """A minimal OCI layout (uncompressed layers), written by hand for synthetic cases."""
+def _layout(
+    root: Path,
+    layers: list[bytes],
+    *,
+    diff_ids: list[str] | None = None,
+    descs: list[dict] | None = None,
+) -> Path:
+    """A minimal OCI layout, written by hand for synthetic cases (tag ``t``).
+
+    By default the layers are uncompressed tars and the config's diff_ids their sha256s;
+    ``diff_ids`` overrides the config's list (a lying config, or compressed blobs), ``descs``
+    adds fields to each layer descriptor (``mediaType``, ``annotations``)."""
     import hashlib
 
     blobs = root / "blobs" / "sha256"
@@ -266,14 +276,16 @@ def _layout(root: Path, layers: list[bytes]) -> Path:
         (blobs / d).write_bytes(data)
         return {"digest": "sha256:" + d, "size": len(data)}
 
-    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in layers]
+    if diff_ids is None:
+        diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in layers]
     cfg = put(json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
     mf = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg},
         "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(t)} for t in layers
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(t), **extra}
+            for t, extra in zip(layers, descs or [{}] * len(layers), strict=True)
         ],
     }
     m = put(json.dumps(mf).encode())

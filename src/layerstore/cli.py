@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .chunked import open_source
 from .errors import LayerstoreError
-from .index import index_error
+from .index import UNPROVED, index_error
 from .store import ENV_STORE, Store, default_store_path
 
 EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)
@@ -140,6 +140,10 @@ def import_(
             results.append(r.to_json())
             if not c.json and not c.quiet:
                 state = "already stored" if r.already_present else "imported"
+                if r.proved_unproved:
+                    state = "imported (proved: replaces the unproved layer of that DiffID)"
+                elif r.partial is not None and r.partial.get("diff_id_proof") == UNPROVED:
+                    state += " (DiffID UNPROVED: a full or header-frame import proves it)"
                 if r.partial is not None:
                     click.echo(_partial_line(r.partial))
                 click.echo(
@@ -207,8 +211,10 @@ def ls(c: Ctx) -> None:
     def human() -> None:
         click.echo(f"{'DIFF ID':<20} {'FILES':>8} {'SIZE':>11}  SOURCE")
         for li in layers:
+            flag = "  [unproved DiffID]" if li.unproved else ""
             click.echo(
-                f"{li.diff_id[7:26]:<20} {li.files:>8} {_human_bytes(li.bytes):>11}  {li.source}"
+                f"{li.diff_id[7:26]:<20} {li.files:>8} {_human_bytes(li.bytes):>11}  "
+                f"{li.source}{flag}"
             )
 
     c.out([li.to_json() for li in layers], human)
@@ -367,6 +373,13 @@ def import_oci(
             f"image {r.name}: {len(r.layers)} layers ({r.new_layers} new, "
             f"{r.reused_layers} already stored), manifest {r.manifest}; {r.seconds:.2f}s"
         )
+        if r.unproved:
+            click.echo(
+                f"warning: image {r.name} rests on {len(r.unproved)} layer(s) with an unproved "
+                "DiffID (TOC only): " + ", ".join(d[:19] for d in r.unproved) + "; import it "
+                "again without --toc-only to prove them",
+                err=True,
+            )
 
     c.out(r.to_json(), human)
 
@@ -397,7 +410,10 @@ def images(c: Ctx) -> None:
 
     def human() -> None:
         for im in ims:
-            click.echo(f"{im['name']:<30} {len(im['layers'])} layers  {im['manifest_digest']}")
+            flag = f"  [{len(im['unproved'])} unproved]" if im["unproved"] else ""
+            click.echo(
+                f"{im['name']:<30} {len(im['layers'])} layers  {im['manifest_digest']}{flag}"
+            )
 
     c.out(ims, human)
 

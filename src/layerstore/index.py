@@ -158,6 +158,21 @@ def _reserve_lock_file(path: str) -> None:
         os.close(fd)
 
 
+# ``partial.diff_id_proof`` of a layer keyed by a DiffID nothing verified (a TOC-only partial
+# import: the tar was synthesized from the TOC, so its sha256 proves nothing).
+UNPROVED: Final = "unverified (TOC only)"
+
+
+def layer_unproved(rec: dict[str, Any]) -> bool:
+    """Does this layer record rest on a DiffID the import could not prove?
+
+    Such a record is only a claim by whoever supplied the TOC: it must never stand in for the
+    layer a proving import brings (that import replaces it), nor be what a compressed digest
+    is taken to mean, and images built on it say so."""
+    partial = rec.get("partial")
+    return isinstance(partial, dict) and partial.get("diff_id_proof") == UNPROVED
+
+
 def blob_size_key(size: int, comp: bytes) -> bytes:
     """Key of the ``blob_sizes`` hint: big-endian size first, so one size is one key range."""
     return size.to_bytes(8, "big") + comp

@@ -44,7 +44,7 @@ from .blobs import BlobReader, detect_compression
 from .digests import DigestSet, DualHasher, blake3_of, sha256_of
 from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from .fsutil import syncfs
-from .index import ObjectRecord, index_error
+from .index import ObjectRecord, index_error, layer_unproved
 from .manifest import (
     BLOCK,
     CHAR,
@@ -122,6 +122,9 @@ class ImportResult:
     stats: dict[str, int] = field(default_factory=dict)
     # zstd:chunked partial imports: bytes read vs blob size, what was reused (else None)
     partial: dict[str, Any] | None = None
+    # The store held this DiffID only unproved (a TOC-only import); this import proved it and
+    # replaced that record's content with its own (``Store._commit_layer``).
+    proved_unproved: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -139,6 +142,41 @@ class ImportResult:
             logical_bytes=rec["bytes"],
             already_present=True,
         )
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What an image says a layer blob is (OCI descriptor: digest and size; config: DiffID).
+
+    Checked as soon as the blob has been read, before anything is published or committed, so
+    a blob that is not what its image says leaves the store exactly as it was (no layer, no
+    object records).  ``what`` names the layer in messages ("layer 1 (sha256:...)").
+    """
+
+    what: str
+    digest: bytes | None = None  # sha256 of the blob as stored (compressed)
+    size: int | None = None
+    diff_id: bytes | None = None  # sha256 of the uncompressed tar
+
+    def check_blob(self, digest: bytes, size: int) -> None:
+        if self.size is not None and size != self.size:
+            raise InvalidInputError(
+                f"{self.what}: the blob is {size} bytes, but its descriptor says {self.size}; "
+                "the layout is damaged or tampered with, nothing was imported"
+            )
+        if self.digest is not None and digest != self.digest:
+            raise InvalidInputError(
+                f"{self.what}: the blob hashes to sha256:{digest.hex()}, not to its "
+                f"descriptor's sha256:{self.digest.hex()}; the layout is damaged or tampered "
+                "with, nothing was imported"
+            )
+
+    def check_diff_id(self, diff_id: bytes) -> None:
+        if self.diff_id is not None and diff_id != self.diff_id:
+            raise InvalidInputError(
+                f"{self.what} has DiffID sha256:{diff_id.hex()}, but the config says "
+                f"sha256:{self.diff_id.hex()}; nothing was imported"
+            )
 
 
 def _write_new(path: bytes, data: bytes) -> int:
@@ -555,20 +593,24 @@ def import_tar(
     source: str = "",
     shortcut: bool = True,
     image_owned: bool = False,
+    expect: Expected | None = None,
 ) -> ImportResult:
     """Import one layer from a tar stream (plain/gzip/zstd); see the module docstring.
 
     ``shortcut=False`` reads the blob even if its compressed digest is known (fsck uses it to
-    re-create lost objects from a source tarball).
+    re-create lost objects from a source tarball).  ``expect``: what the image says the blob
+    is; a blob that differs is refused before anything is published.
     """
     t0 = time.monotonic()
-    known = _known_blob(store, stream) if shortcut else None
+    known = _known_blob(store, stream, expect) if shortcut else None
     if known is not None:
         if not image_owned:
             store._mark_standalone(bytes.fromhex(known.diff_id[7:]))
         known.seconds = time.monotonic() - t0
         return known
-    return run_import(store, lambda imp: (stream, None), progress, source, image_owned)
+    return run_import(
+        store, lambda imp: (stream, None), progress, source, image_owned, expect=expect
+    )
 
 
 class ImportHooks:
@@ -614,9 +656,11 @@ def run_import(
     source: str,
     image_owned: bool,
     record_compressed: bool = True,
+    expect: Expected | None = None,
 ) -> ImportResult:
     """Stream, publish and commit one layer; ``make_stream`` supplies the raw byte stream (it
-    gets the importer so a partial import can assemble files in its staging directory)."""
+    gets the importer so a partial import can assemble files in its staging directory).
+    ``expect`` is checked once the blob is read, before anything is published."""
     t0 = time.monotonic()
     imp = _Importer(store, progress=None)
     blob: BlobReader | None = None
@@ -626,6 +670,9 @@ def run_import(
         blob = BlobReader(stream, progress, plain=hooks is not None)
         result = _stream_phase(imp, blob)
         comp_digest, diff_id = blob.finish()  # whole blob read, integrity checked
+        if expect is not None:
+            expect.check_blob(comp_digest, blob.total_in)
+            expect.check_diff_id(diff_id)
         if hooks is not None:
             hooks.finish(diff_id)  # before anything is published or committed
         if imp.tar_bytes != blob.total_out:
@@ -642,7 +689,7 @@ def run_import(
         result.compression = compression
         result.diff_id = "sha256:" + diff_id.hex()
         result.compressed_digest = "sha256:" + comp_digest.hex() if record_compressed else ""
-        present = store._commit_layer(
+        outcome = store._commit_layer(
             diff_id,
             comp_digest if record_compressed else None,
             bytes.fromhex(result.manifest),
@@ -662,7 +709,9 @@ def run_import(
             imp.pinned,
             blob.total_in if record_compressed else None,
         )
+        present = outcome == "present"
         result.already_present = present
+        result.proved_unproved = outcome == "proved"
         if imp.tiny:
             from .chunkindex import record_tiny
 
@@ -699,11 +748,14 @@ def run_import(
         shutil.rmtree(imp.stage, ignore_errors=True)
 
 
-def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
+def _known_blob(
+    store: Store, stream: BinaryIO, expect: Expected | None = None
+) -> ImportResult | None:
     """For a regular file: if its sha256 is a compressed digest of a stored layer, that layer
     *is* this blob -- nothing to parse or write.  One sequential read (~1.5 GB/s of sha256)
     that saves a re-import all of its decompression, parsing and hashing.  Streams that cannot
-    be rewound (stdin, pipes) take the normal path."""
+    be rewound (stdin, pipes) take the normal path.  Once hashed, the blob is held to
+    ``expect`` right here (a blob that is not its descriptor's is refused unread)."""
     try:
         st = os.fstat(stream.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -722,13 +774,18 @@ def _known_blob(store: Store, stream: BinaryIO) -> ImportResult | None:
         h.update(chunk)
     stream.seek(start)
     comp = h.digest()
+    if expect is not None:
+        expect.check_blob(comp, size)
     idx = store.index
     with idx.read() as txn:
-        diff_id = txn.get(comp, db=idx.db[b"compressed"])
-        rec = idx.get_layer(txn, bytes(diff_id)) if diff_id is not None else None
-    if rec is None or rec.get("state") != "live" or rec.get("damaged"):
-        return None
-    result = ImportResult.stored(bytes(diff_id), rec, "sha256:" + comp.hex())
+        alias = txn.get(comp, db=idx.db[b"compressed"])
+        diff_id = bytes(alias) if alias is not None else b""
+        rec = idx.get_layer(txn, diff_id) if diff_id else None
+    if rec is None or rec.get("state") != "live" or rec.get("damaged") or layer_unproved(rec):
+        return None  # an unproved layer is never what a blob's digest stands for
+    if expect is not None:
+        expect.check_diff_id(diff_id)
+    result = ImportResult.stored(diff_id, rec, "sha256:" + comp.hex())
     result.stats = {"shortcut": 1}  # recognised by its compressed digest
     return result
 
@@ -960,4 +1017,4 @@ def import_directory(
     return result
 
 
-__all__ = ["ImportResult", "import_tar", "import_directory", "detect_compression"]
+__all__ = ["Expected", "ImportResult", "import_tar", "import_directory", "detect_compression"]

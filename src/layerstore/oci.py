@@ -8,8 +8,9 @@ the user imported directly stays until removed directly.
 Everything read from a layout is untrusted: blob paths are built only from validated sha256
 digests (never from names in the layout), every blob's size and digest are checked, every
 layer's DiffID must equal the config's ``rootfs.diff_ids`` entry, and JSON documents are capped
-in size.  A failed import removes the layers it created, so nothing half-imported stays
-referenced.
+in size.  These checks run before the layer they concern commits (a refused layer leaves
+nothing); a failure a later layer reveals removes the layers this import created, so nothing
+half-imported stays referenced (docs/concurrency.md, "Image import").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from .errors import InvalidInputError, LayerstoreError, NotFoundError
+from .ingest import Expected, import_tar
 
 if TYPE_CHECKING:
     from .store import Store
@@ -58,6 +60,8 @@ class ImageResult:
     reused_layers: int = 0
     seconds: float = 0.0
     per_layer: list[dict[str, Any]] = field(default_factory=list)
+    # Layers of the image whose DiffID nothing verified (TOC-only imports), "sha256:..."
+    unproved: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -168,9 +172,40 @@ def is_chunked(desc: dict[str, Any]) -> bool:
     )
 
 
+def check_image_name(name: str) -> None:
+    """An image name is an LMDB key and a tag: 1-255 bytes of UTF-8, no NUL.  Checked before
+    an image import reads any layer, so a bad name cannot cost a whole import."""
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raw = b""
+    if not raw or len(raw) > 255 or "\x00" in name:
+        raise InvalidInputError(f"bad image name {name!r} (1-255 bytes of UTF-8, no NUL)")
+
+
+def _diff_ids(config: dict[str, Any], what: str, n: int) -> list[str]:
+    """The config's ``rootfs.diff_ids``: one sha256 digest per layer (checked up front)."""
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != n:
+        k = len(diff_ids) if isinstance(diff_ids, list) else 0
+        raise InvalidInputError(f"config {what} lists {k} diff_ids for {n} layers")
+    for d in diff_ids:
+        if not isinstance(d, str) or _DIGEST.match(d) is None:
+            raise InvalidInputError(f"config {what}: diff_id {d!r} is not a sha256 digest")
+    return diff_ids
+
+
+def _absent(store: Store, diff_id: str) -> bool:
+    with store.index.read() as txn:
+        return store.index.get_layer(txn, bytes.fromhex(diff_id[7:])) is None
+
+
 def _check_layer(r: Any, i: int, label: str, want: str, created: list[str]) -> None:
-    """Record a layer this import created (for rollback), then hold it to the config."""
-    if not r.already_present:
+    """Record a layer this import created (for rollback), then hold it to the config.
+
+    The pipeline refuses a blob whose digest, size or DiffID differs before it commits
+    (``ingest.Expected``); this catches what a shortcut answered without committing."""
+    if not r.already_present and r.diff_id not in created:
         created.append(r.diff_id)
     if r.diff_id != want:
         raise InvalidInputError(
@@ -179,7 +214,12 @@ def _check_layer(r: Any, i: int, label: str, want: str, created: list[str]) -> N
 
 
 def _rollback(store: Store, created: list[str]) -> None:
-    """A failed image import removes the layers it created: nothing half-imported stays."""
+    """A failed image import removes the layers it created: nothing half-imported stays.
+
+    Only layers this import committed and that nothing held before it (no image, not
+    imported directly) are dropped; their objects are then gc-able garbage.  Runs for any
+    exception, KeyboardInterrupt included; a process killed outright leaves the layers it
+    committed (docs/concurrency.md, "Image import")."""
     for diff_id in created:
         try:
             store._release_image_layer(diff_id, created_for_failed_import=True)
@@ -223,36 +263,50 @@ def import_layout(
     if not isinstance(cdesc, dict) or not isinstance(layers, list):
         raise InvalidInputError(f"manifest {mdesc['digest']} lacks config or layers")
     config, cbytes = layout.read_json(cdesc)
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
-        raise InvalidInputError(
-            f"config {cdesc['digest']} lists {len(diff_ids or [])} diff_ids for "
-            f"{len(layers)} layers"
-        )
+    diff_ids = _diff_ids(config, cdesc["digest"], len(layers))
     for d in layers:
         if not isinstance(d, dict) or d.get("mediaType") not in LAYER_TYPES:
             mt = d.get("mediaType") if isinstance(d, dict) else d
             raise InvalidInputError(f"layer media type {mt!r} is not supported")
         layout.blob_path(d)  # validate every path before importing anything
+    for i, d in enumerate(layers):  # and every size: the cheapest lie to catch
+        if os.path.getsize(layout.blob_path(d)) != d["size"]:
+            raise InvalidInputError(
+                f"layer {i} ({d['digest']}): the blob's size differs from its descriptor's "
+                f"{d['size']}; the layout is damaged or tampered with, nothing was imported"
+            )
     name = name or ref or mdesc["digest"]
+    check_image_name(name)
     result = ImageResult(name=name, manifest=mdesc["digest"], config=cdesc["digest"], layers=[])
     created: list[str] = []
     try:
         for i, (d, want) in enumerate(zip(layers, diff_ids, strict=True)):
             blob = layout.blob_path(d)
-            if os.path.getsize(blob) != d["size"]:
-                raise InvalidInputError(f"layer {i} ({d['digest']}): size differs from manifest")
             ann = d.get("annotations")
+            if _absent(store, want):
+                # Listed before the import, so an interrupt between the layer's commit and
+                # the return of the import still rolls it back (only if nothing holds it).
+                created.append(want)
             if partial and is_chunked(d):
+                # The TOC is trusted by the manifest's checksum, the replayed DiffID must equal
+                # the config's before the layer commits (partial.py); the whole blob is never
+                # read, so its digest cannot be checked.
                 r = store.import_chunked(
                     blob, ann, expected_diff_id=want, image_owned=True, toc_only=toc_only
                 )
             else:
-                r = store.import_path(blob, image_owned=True)
-                if r.compressed_digest != d["digest"]:
-                    raise InvalidInputError(
-                        f"layer {i} blob {d['digest']} hashes to {r.compressed_digest}"
-                    )
+                expect = Expected(
+                    what=f"layer {i} ({d['digest']})",
+                    digest=bytes.fromhex(d["digest"][7:]),
+                    size=d["size"],
+                    diff_id=bytes.fromhex(want[7:]),
+                )
+                try:
+                    f = open(blob, "rb")
+                except OSError as exc:
+                    raise InvalidInputError(f"cannot open {blob}: {exc.strerror}") from None
+                with f:
+                    r = import_tar(store, f, source=blob, image_owned=True, expect=expect)
             _check_layer(r, i, d["digest"], want, created)
             result.layers.append(r.diff_id)
             info = {
@@ -271,8 +325,9 @@ def import_layout(
     except BaseException:
         _rollback(store, created)
         raise
-    result.new_layers = len(created)
-    result.reused_layers = len(result.layers) - len(created)
+    result.unproved = ["sha256:" + h for h in store.image(name)["unproved"]]
+    result.new_layers = sum(1 for x in result.per_layer if x["new"])
+    result.reused_layers = len(result.layers) - result.new_layers
     result.seconds = time.monotonic() - t0
     return result
 
@@ -412,13 +467,14 @@ def import_docker_archive(store: Store, path: str, name: str | None = None) -> I
             cfg_bytes = read_small(entry["Config"])
             config = json.loads(cfg_bytes)
             layer_names = list(entry["Layers"])
-            diff_ids = list(config["rootfs"]["diff_ids"])
+            if not isinstance(config, dict):
+                raise TypeError("the config is not a JSON object")
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise InvalidInputError(f"{path}: malformed docker-save manifest: {exc}") from None
-        if len(diff_ids) != len(layer_names):
-            raise InvalidInputError(f"{path}: {len(layer_names)} layers, {len(diff_ids)} diff_ids")
+        diff_ids = _diff_ids(config, f"{path}:{entry['Config']}", len(layer_names))
         tags = entry.get("RepoTags") or []
         name = name or (tags[0] if tags else "sha256:" + hashlib.sha256(cfg_bytes).hexdigest())
+        check_image_name(name)
         result = ImageResult(
             name=name,
             manifest="",
@@ -433,7 +489,10 @@ def import_docker_archive(store: Store, path: str, name: str | None = None) -> I
                     raise InvalidInputError(f"{path}: layer {i} ({lname!r}) is not in the archive")
                 f = tf.extractfile(m)
                 assert f is not None
-                r = store.import_tar(f, source=f"{path}:{lname}", image_owned=True)
+                if _absent(store, want):
+                    created.append(want)  # as in import_layout: rolled back however it ends
+                expect = Expected(what=f"layer {i} ({lname!r})", diff_id=bytes.fromhex(want[7:]))
+                r = import_tar(store, f, source=f"{path}:{lname}", image_owned=True, expect=expect)
                 _check_layer(r, i, lname, want, created)
                 result.layers.append(r.diff_id)
             mbytes = json.dumps(entry, sort_keys=True).encode()

@@ -58,6 +58,7 @@ from .chunked import (
 from .digests import DigestSet
 from .errors import CorruptObjectError, InvalidInputError
 from .fsutil import clone_range
+from .index import UNPROVED, layer_unproved
 from .ingest import INLINE_MAX, ImportHooks, ImportResult, _Importer, run_import
 from .paths import normalize
 from .tarstream import TarMember
@@ -731,7 +732,7 @@ def import_chunked(
             raise InvalidInputError(f"{expected_diff_id!r} is not a sha256 DiffID") from None
         if len(want_diff) != 32:
             raise InvalidInputError(f"{expected_diff_id!r} is not a sha256 DiffID")
-        known = _known_layer(store, expected_diff_id, image_owned)
+        known = _known_layer(store, expected_diff_id, image_owned, toc_only)
         if known is not None:
             stats.diff_id_proof = "already stored"
             known.partial = stats.to_json()
@@ -772,7 +773,7 @@ def import_chunked(
                 "a TOC-only import needs the DiffID from the image config (expected_diff_id); "
                 "without it, import with header frames (the default) to prove one"
             )
-        stats.diff_id_proof = "unverified (TOC only)"
+        stats.diff_id_proof = UNPROVED
     else:
         stats.diff_id_proof = "header-frame replay"
     pins = DigestSet()
@@ -803,8 +804,14 @@ def import_chunked(
     return result
 
 
-def _known_layer(store: Store, diff_id: str, image_owned: bool) -> ImportResult | None:
-    """The layer is stored already (the image config names its DiffID): read nothing."""
+def _known_layer(
+    store: Store, diff_id: str, image_owned: bool, toc_only: bool
+) -> ImportResult | None:
+    """The layer is stored already (the image config names its DiffID): read nothing.
+
+    A record whose DiffID is unproved (an earlier TOC-only import) answers only another
+    TOC-only import: anyone can claim any DiffID that way, so an import that will prove its
+    DiffID goes on and replaces that record (``Store._commit_layer``) instead of trusting it."""
     try:
         key = bytes.fromhex(diff_id.removeprefix("sha256:"))
     except ValueError:
@@ -812,6 +819,8 @@ def _known_layer(store: Store, diff_id: str, image_owned: bool) -> ImportResult 
     with store.index.read() as txn:
         rec = store.index.get_layer(txn, key)
     if rec is None or rec.get("state") != "live" or rec.get("damaged"):
+        return None
+    if layer_unproved(rec) and not toc_only:
         return None
     if not image_owned:
         store._mark_standalone(key)

@@ -44,7 +44,7 @@ from .errors import (
     NotFoundError,
     StoreError,
 )
-from .index import Index, ObjectRecord, blob_size_key
+from .index import Index, ObjectRecord, blob_size_key, layer_unproved
 from .manifest import REG, Entry, read_manifest
 
 FORMAT_VERSION: Final = 1
@@ -86,10 +86,13 @@ class LayerInfo:
     tarsplit: str = ""
     # zstd:chunked partial imports: how it was read and what proves the DiffID (else None)
     partial: dict[str, Any] | None = None
+    # Keyed by a DiffID nothing verified (TOC-only import): a proving import replaces it.
+    unproved: bool = False
 
     @staticmethod
     def from_record(diff_id: bytes, rec: dict[str, Any]) -> LayerInfo:
         return LayerInfo(
+            unproved=layer_unproved(rec),
             diff_id="sha256:" + diff_id.hex(),
             manifest=rec["manifest"],
             compressed=tuple("sha256:" + c for c in rec.get("compressed", [])),
@@ -264,21 +267,41 @@ class Store:
         info: dict[str, Any],
         pinned: DigestSet,
         blob_size: int | None = None,
-    ) -> bool:
+    ) -> str:
         """Phase 3 of an import: the layer record and its references, in one transaction.
 
-        Returns True if the layer was already stored (then no references are added).
-        ``blob_size``: the compressed blob's size, recorded as the re-import shortcut's hint.
+        Returns ``"new"``, ``"present"`` (the layer was stored already: no references are
+        added) or ``"proved"``: the stored record's DiffID was unproved (a TOC-only import,
+        which anyone can key by any DiffID) and this import proves it, so this import's
+        manifest and tar-split *replace* the unproved ones -- an unproved record must never
+        stand in for the real layer.  The old objects lose their references (gc-able garbage
+        unless something else uses them); image counts and ``standalone`` carry over, as the
+        images listing that DiffID meant the real layer.  An unproved import never replaces
+        anything.  ``blob_size``: the compressed blob's size, recorded as the re-import
+        shortcut's hint.
         """
         idx = self.index
         with idx.write() as txn:
             rec = idx.get_layer(txn, diff_id)
-            present = rec is not None
-            if rec is None:
-                idx.add_refs_many(txn, self._object_refs(manifest_b3), +1)
-                idx.add_refs(txn, manifest_b3, +1)
-                if info.get("tarsplit"):
-                    idx.add_refs(txn, bytes.fromhex(info["tarsplit"]), +1)
+            outcome = "present" if rec is not None else "new"
+            if rec is not None and layer_unproved(rec) and not layer_unproved(info):
+                self._check_unread(txn, diff_id)
+                self._add_layer_refs(txn, manifest_b3, info)
+                self._drop_object_refs(txn, rec)  # after the +1s: shared objects never hit 0
+                for c in rec.get("compressed", []):  # none expected: it never read a blob
+                    txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
+                rec = {
+                    "manifest": manifest_b3.hex(),
+                    "compressed": [],
+                    "created": time.time(),
+                    "state": "live",
+                    **info,
+                    "images": rec.get("images", 0),
+                    "standalone": bool(rec.get("standalone") or info.get("standalone")),
+                }
+                outcome = "proved"
+            elif rec is None:
+                self._add_layer_refs(txn, manifest_b3, info)
                 rec = {
                     "manifest": manifest_b3.hex(),
                     "compressed": [],
@@ -292,8 +315,9 @@ class Store:
                 if info.get("standalone"):
                     rec["standalone"] = True
             # A partial import never read the whole blob, so it records no compressed digest
-            # (``comp`` None): the re-import shortcut must only ever trust a verified one.
-            if comp is not None:
+            # (``comp`` None): the re-import shortcut must only ever trust a verified one --
+            # and never map a blob to an unproved layer.
+            if comp is not None and not layer_unproved(rec):
                 if comp.hex() not in rec["compressed"]:
                     rec["compressed"].append(comp.hex())
                 txn.put(comp, diff_id, db=idx.db[b"compressed"])
@@ -303,7 +327,36 @@ class Store:
             leases.unpin_objects(idx, txn, self.lease.id, pinned)
         pinned.clear()
         self._write_layer_backup(diff_id, rec)
-        return present
+        return outcome
+
+    def _add_layer_refs(
+        self, txn: lmdb.Transaction, manifest_b3: bytes, info: dict[str, Any]
+    ) -> None:
+        """+1 per reference a new layer record makes: manifest entries, manifest, tar-split."""
+        idx = self.index
+        idx.add_refs_many(txn, self._object_refs(manifest_b3), +1)
+        idx.add_refs(txn, manifest_b3, +1)
+        if info.get("tarsplit"):
+            idx.add_refs(txn, bytes.fromhex(info["tarsplit"]), +1)
+
+    def _drop_object_refs(self, txn: lmdb.Transaction, rec: dict[str, Any]) -> None:
+        """-1 per reference a layer record makes (the inverse of :meth:`_add_layer_refs`)."""
+        idx = self.index
+        mb3 = parse_hex(rec["manifest"])
+        idx.add_refs_many(txn, self._object_refs(mb3), -1)
+        idx.add_refs(txn, mb3, -1)
+        if rec.get("tarsplit"):
+            idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), -1)
+
+    def _check_unread(self, txn: lmdb.Transaction, diff_id: bytes) -> None:
+        """Refuse to swap a layer's manifest while a live process reads the old one: its
+        objects must keep their references until that reader is done (invariant 5)."""
+        live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
+        if any(live.alive(p) for p in leases.layer_pinners(self.index, txn, diff_id)):
+            raise ConcurrencyError(
+                f"layer sha256:{diff_id.hex()} (unproved DiffID) is being read by another "
+                "process; nothing was imported. Retry this import once that has finished"
+            )
 
     # -- layer backups: derived copies of layer records, for rebuilding a lost index ---------
     def _layer_backup_path(self, diff_id: bytes) -> str:
@@ -581,12 +634,24 @@ class Store:
         cur = txn.cursor(db=self.index.db[b"images"])
         return [(bytes(k).decode(), json.loads(v)) for k, v in cur]
 
+    def _unproved_of(self, txn: lmdb.Transaction, layers: list[str]) -> list[str]:
+        """The DiffIDs (hex) among an image's layers that rest on no proof (TOC-only imports):
+        computed at each query, so a later proving import clears them."""
+        out = []
+        for h in layers:
+            rec = self.index.get_layer(txn, bytes.fromhex(h))
+            if rec is not None and layer_unproved(rec):
+                out.append(h)
+        return out
+
     def images(self) -> list[dict[str, Any]]:
+        """Every image; ``unproved`` lists the layers whose DiffID nothing verified."""
         with self.index.read() as txn:
             out = [
                 {
                     "name": n,
                     **{k: v for k, v in im.items() if k not in ("manifest_json", "config_json")},
+                    "unproved": self._unproved_of(txn, im["layers"]),
                 }
                 for n, im in self._iter_images(txn)
             ]
@@ -595,9 +660,11 @@ class Store:
     def image(self, name: str) -> dict[str, Any]:
         with self.index.read() as txn:
             raw = txn.get(name.encode(), db=self.index.db[b"images"])
-        if raw is None:
-            raise NotFoundError(f"no image {name!r}; `layerstore images` lists them")
-        return {"name": name, **json.loads(raw)}
+            if raw is None:
+                raise NotFoundError(f"no image {name!r}; `layerstore images` lists them")
+            im = json.loads(raw)
+            im["unproved"] = self._unproved_of(txn, im["layers"])
+        return {"name": name, **im}
 
     def import_oci(
         self,
@@ -646,8 +713,9 @@ class Store:
         """One transaction: the image record, +1 image reference per layer it lists."""
         import base64
 
-        if not name or len(name.encode()) > 255 or "\x00" in name:
-            raise InvalidInputError(f"bad image name {name!r}")
+        from .oci import check_image_name
+
+        check_image_name(name)
         idx = self.index
         with idx.write() as txn:
             raw = txn.get(name.encode(), db=idx.db[b"images"])
@@ -724,11 +792,7 @@ class Store:
 
     def _drop_layer_refs(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
         idx = self.index
-        mb3 = parse_hex(rec["manifest"])
-        idx.add_refs_many(txn, self._object_refs(mb3), -1)
-        idx.add_refs(txn, mb3, -1)
-        if rec.get("tarsplit"):
-            idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), -1)
+        self._drop_object_refs(txn, rec)
         for c in rec.get("compressed", []):
             txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
         txn.delete(diff_id, db=idx.db[b"layers"])
