@@ -9,6 +9,11 @@ passes over the manifest keep memory independent of the layer size:
 2. hardlinks (their targets exist now);
 3. directory metadata, times last (nothing modifies a directory after its times are set).
 
+A layer in which a later entry replaces an earlier one (``ordered``) is built strictly in tar
+order on one thread instead, hardlinks included: a hardlink made after the whole layer would
+link to whatever its target path held *last* (or replace the file a later entry put at its
+own path), where ``tar -x`` links to what the target held at that point of the archive.
+
 Safety: every path is opened beneath the staging root with openat2(RESOLVE_BENEATH |
 RESOLVE_NO_SYMLINKS), so a symlink in the tree can never redirect a write outside it.
 Descriptors are bounded: at most ~2 per worker plus a small cache of parent directories,
@@ -572,7 +577,12 @@ def _apply_layer(
                     root_entry = e
                 b.make_dir(e)
             elif e.kind == HARDLINK:
-                links.append(e)  # made after every file exists; O(hardlinks) memory
+                if ordered:
+                    # In tar order: the target is what that path holds at this point of the
+                    # archive, and a later entry at either path replaces, as with tar -x.
+                    b.make_hardlink(e)
+                else:
+                    links.append(e)  # made after every file exists; O(hardlinks) memory
             elif e.kind in (SYMLINK, CHAR, BLOCK, FIFO):
                 b.make_special(e)
         if batch:
