@@ -15,22 +15,13 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import test_hostile
 import zstandard
-from test_hostile import (  # noqa: F401 - sandbox is a fixture
-    Sandbox,
-    base256,
-    dir_,
-    hard,
-    make_tar,
-    reg,
-    reject,
-    sandbox,
-    set_header_field,
-    sym,
-)
+from test_hostile import dir_, hard, make_tar, reg, reject, sym
 from treecmp import diff_trees
 
 from layerstore import Store
@@ -42,6 +33,7 @@ USTAR = b"ustar\x0000"
 V7 = bytes(8)  # pre-POSIX: no magic at all
 GNU_MAGIC = b"ustar  \x00"
 
+sandbox = test_hostile.sandbox  # the fixture: nothing written outside the store
 pytestmark = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is the oracle")
 
 
@@ -203,3 +195,170 @@ def test_hardlink_replacement_in_every_mode(store, tmp_path, mode):
     assert got == {"x": b"original\n", "h": b"pwned\n", "a": b"new\n", "b": b"old\n"}
     assert not os.path.samefile(dest / "h", dest / "x")
     assert not os.path.samefile(dest / "a", dest / "b")
+
+
+# -- item 9: archives other tar writers wrote --------------------------------------------------
+def _g(data: bytes = b"g\n") -> bytes:
+    return file_("d/g", data)
+
+
+DIALECT_CASES = {
+    # pre-POSIX directory: type NUL, name ending in "/", a nonzero size and no data
+    "v7-dir-with-size": lambda: (
+        header("d/", b"\0", 1, mode=0o755, magic=V7)
+        + header("d/g", b"\0", 2, magic=V7)
+        + body(b"g\n")
+        + END
+    ),
+    "ustar-nul-dir-with-size": lambda: header("d/", b"\0", 1, mode=0o755) + _g() + END,
+    "regular-typed-dir": lambda: header("d/", b"0", 0, mode=0o750) + _g() + END,
+    "contiguous-typed-dir": lambda: header("d/", b"7", 3, mode=0o700) + _g() + END,
+    "pax-path-dir": lambda: pax([(b"path", b"d/")]) + header("x", b"0", 1) + _g() + END,
+    "gnu-longname-dir": lambda: (
+        header("././@LongLink", b"L", 3, magic=GNU_MAGIC)
+        + body(b"d/\0")
+        + header("x", b"0", 1, magic=GNU_MAGIC)
+        + _g()
+        + END
+    ),
+    "dir-type-with-size": lambda: header("d/", b"5", 700, mode=0o755) + _g() + END,
+    # links, devices and fifos with a size but no data: the size is ignored
+    "hardlink-with-size": lambda: file_("f") + header("h", b"1", 6, link="f") + _g() + END,
+    "hardlink-with-pax-size": lambda: (
+        file_("f") + pax([(b"size", b"6")]) + header("h", b"1", 0, link="f") + _g() + END
+    ),
+    "symlink-with-size": lambda: file_("f") + header("s", b"2", 6, link="f") + _g() + END,
+    "fifo-with-size": lambda: header("p", b"6", 1024) + _g() + END,
+    "chardev-with-size": lambda: (
+        header("c", b"3", 5, raw={329: b"0000001\0", 337: b"0000003\0"}) + _g() + END
+    ),
+    # GNU volume labels: skipped (GNU tar says nothing)
+    "volume-label": lambda: header("MY LABEL", b"V", 0, magic=GNU_MAGIC) + file_("f") + END,
+    "volume-label-with-body": lambda: header("L", b"V", 6) + body(b"abcdef") + file_("f") + END,
+    "volume-label-mid-archive": lambda: file_("f") + header("L", b"V", 0) + _g() + END,
+    # Solaris: an ACL header before the entry it describes; "X" for the PAX "x"
+    "solaris-acl-file": lambda: (
+        header("f", b"A", 24) + body(b"0000001\0user::rw-\0\0\0\0\0\0\0") + file_("f") + END
+    ),
+    "solaris-acl-dir": lambda: (
+        header("d", b"A", 8) + body(b"acl text") + header("d/", b"5", mode=0o755) + _g() + END
+    ),
+    "solaris-acl-hardlink": lambda: (
+        file_("f") + header("./h", b"A", 3) + body(b"acl") + header("h", b"1", link="f") + END
+    ),
+    "solaris-acl-after-pax": lambda: (
+        pax([(b"mtime", b"5")]) + header("f", b"A", 3) + body(b"acl") + file_("f") + END
+    ),
+    "solaris-x-header": lambda: pax([(b"mtime", b"1234.5")], b"X") + file_("f") + END,
+    # a leading NUL in a number field ("buggy tar of unknown vintage"): GNU tar skips it
+    "leading-nul-in-mode": lambda: file_("f", raw={100: b"\x000000755"}) + END,
+    # PAX mtimes as GNU tar reads them: the longest number prefix, floor to nanoseconds
+    "pax-mtime-prefix": lambda: pax([(b"mtime", b"1e5")]) + file_("f") + END,
+    "pax-mtime-junk": lambda: pax([(b"mtime", b"12.5x")]) + file_("f") + END,
+    "pax-mtime-underscore": lambda: pax([(b"mtime", b"1_000")]) + file_("f") + END,
+    "pax-mtime-negative-floor": lambda: pax([(b"mtime", b"-12.1234567891")]) + file_("f") + END,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIALECT_CASES))
+def test_dialect_like_gnu_tar(store, tmp_path, case):
+    assert_like_gnu(store, tmp_path, DIALECT_CASES[case]())
+
+
+@pytest.mark.parametrize("value", [b"yesterday", b"", b"+12", b".5", b" 12", b"NaN"])
+def test_pax_mtime_not_a_number_falls_back_to_header(store, tmp_path, value):
+    """GNU tar (and libarchive) ignore a malformed PAX mtime and keep the ustar one; GNU tar
+    exits 2 for it.  Accepted the same way, with a warning in the import result."""
+    blob = pax([(b"mtime", value)]) + file_("f", mtime=1_234_567) + END
+    res = assert_like_gnu(store, tmp_path, blob, gnu_rc=2)
+    assert [e.mtime_ns for e in store.entries(res.diff_id)] == [1_234_567 * 10**9]
+    assert len(res.warnings) == 1 and "PAX mtime" in res.warnings[0], res.warnings
+
+
+def test_warnings_are_printed_by_the_cli(tmp_path):
+    tar = tmp_path / "l.tar"
+    tar.write_bytes(pax([(b"mtime", b"soon")]) + file_("f") + END)
+    cli = [sys.executable, "-m", "layerstore", "--store", str(tmp_path / "s")]
+    p = subprocess.run([*cli, "import", str(tar)], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    assert "warning:" in p.stderr and "PAX mtime b'soon'" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "blob, match",
+    [
+        pytest.param(
+            lambda: header("zz", b"A", 3) + body(b"acl") + file_("f") + END,
+            "Solaris ACL header 'zz' is followed by entry 'f'",
+            id="acl-for-another-name",
+        ),
+        pytest.param(
+            lambda: file_("f") + header("f", b"A", 3) + body(b"acl") + END,
+            "Solaris ACL.*end of the archive",
+            id="acl-at-the-end",
+        ),
+        pytest.param(
+            # a hardlink whose data *is* there: GNU tar reads the data as a header too
+            # ("Skipping to next header", exit 2); refused as the corruption it looks like
+            lambda: file_("f") + header("h", b"1", 6, link="f") + body(b"HELLO\n") + _g() + END,
+            "bad checksum.*'h', is not a file but has a size",
+            id="hardlink-with-data",
+        ),
+        pytest.param(
+            lambda: header("x", b"Z", 3) + body(b"abc") + END,
+            "unsupported tar type",
+            id="unknown-type",
+        ),
+        pytest.param(
+            lambda: header("m", b"M", 0) + END, "multi-volume", id="multi-volume-continuation"
+        ),
+        pytest.param(
+            lambda: (
+                pax([(b"GNU.sparse.major", b"1"), (b"GNU.sparse.realsize", b"9")])
+                + header("h", b"1", link="f")
+                + END
+            ),
+            "sparse keys but is not a file",
+            id="sparse-hardlink",
+        ),
+    ],
+)
+def test_dialects_refused(store, sandbox, blob, match):
+    reject(store, sandbox, blob(), match=match)
+
+
+# -- item 8: numbers GNU tar would read differently -------------------------------------------
+@pytest.mark.parametrize(
+    "field, off, raw, kind",
+    [
+        ("uid", 108, b"-000001\0", b"0"),
+        ("gid", 116, b"-000001\0", b"0"),
+        ("mode", 100, b"-000001\0", b"0"),
+        ("mtime", 136, b"-0000000001\0", b"0"),
+        ("devmajor", 329, b"-000001\0", b"3"),
+        ("devminor", 337, b"-000001\0", b"4"),
+        ("mode", 100, b"0o000755", b"0"),  # int(s, 8) would take the radix prefix
+        ("uid", 108, b"0000_001", b"0"),  # ... and underscores
+        ("gid", 116, b"+000001\0", b"0"),
+    ],
+)
+def test_signed_or_odd_octal_refused(store, sandbox, field, off, raw, kind):
+    """A sign in an octal field is GNU tar's obsolete base-64 (it reads -000001 as a huge
+    negative number and complains); it used to pass the range checks and crash the manifest
+    writer with struct.error."""
+    blob = header("e", kind, raw={off: raw}) + END
+    reject(store, sandbox, blob, match=rf"{field} of entry 'e' is not an octal number")
+
+
+@pytest.mark.parametrize("field, off", [("uid", 108), ("gid", 116), ("devmajor", 329)])
+def test_negative_base256_owner_or_device_refused(store, sandbox, field, off):
+    blob = header("e", b"3", raw={off: b"\xff" * 8}) + END  # base-256 -1
+    reject(store, sandbox, blob, match=rf"entry 'e' has {field} -1, outside 0\.\.4294967295")
+
+
+def test_negative_base256_mtime_accepted(store, tmp_path):
+    """Negative mtimes are real (before 1970) and GNU tar writes them in base-256."""
+    neg = (1 << 96) - 86400  # -86400 in 12 bytes of two's complement
+    blob = file_("f", raw={136: neg.to_bytes(12, "big")}) + END
+    res = assert_like_gnu(store, tmp_path, blob)
+    assert [e.mtime_ns for e in store.entries(res.diff_id)] == [-86400 * 10**9]
