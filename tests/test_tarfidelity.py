@@ -362,3 +362,20 @@ def test_negative_base256_mtime_accepted(store, tmp_path):
     blob = file_("f", raw={136: neg.to_bytes(12, "big")}) + END
     res = assert_like_gnu(store, tmp_path, blob)
     assert [e.mtime_ns for e in store.entries(res.diff_id)] == [-86400 * 10**9]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [(b"uid", b"1_000"), (b"gid", b"0x10"), (b"uid", b"-1"), (b"size", b"6 ")],
+)
+def test_malformed_pax_numbers_refused(store, sandbox, key, value):
+    """``int()`` took "1_000" for 1000 where GNU tar sees a malformed record (and keeps the
+    header's value): an owner or a size read differently is a different tree."""
+    blob = pax([(key, value)]) + file_("f") + END
+    reject(store, sandbox, blob, match=rf"PAX {key.decode()}=.* is not a non-negative integer")
+
+
+def test_malformed_pax_record_length_refused(store, sandbox):
+    rec = b" path=x\n"
+    blob = header("P", b"x", len(rec) + 3) + body(b"1_0" + rec) + file_("f") + END
+    reject(store, sandbox, blob, match="PAX header record length")
