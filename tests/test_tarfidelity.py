@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -379,3 +384,88 @@ def test_malformed_pax_record_length_refused(store, sandbox):
     rec = b" path=x\n"
     blob = header("P", b"x", len(rec) + 3) + body(b"1_0" + rec) + file_("f") + END
     reject(store, sandbox, blob, match="PAX header record length")
+
+
+# -- item 8: setuid and setgid as an unprivileged user -----------------------------------------
+def _nobody() -> tuple[int, int]:
+    pw = pwd.getpwnam("nobody")
+    return pw.pw_uid, pw.pw_gid
+
+
+def _as_user(uid: int, gid: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as a real unprivileged uid (setpriv: no capabilities, no groups)."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _special_bits_tar() -> bytes:
+    members = []
+    uid = _nobody()[0]
+    for name, typ, mode, owner in [
+        ("suid-root", tarfile.REGTYPE, 0o4755, 0),
+        ("sgid-root", tarfile.REGTYPE, 0o2755, 0),
+        ("suid-sgid-own", tarfile.REGTYPE, 0o6755, uid),  # the user's own file
+        ("sticky-file", tarfile.REGTYPE, 0o1644, 0),
+        ("all-bits", tarfile.REGTYPE, 0o7777, 0),
+        ("plain", tarfile.REGTYPE, 0o750, 0),
+        ("sgid-dir", tarfile.DIRTYPE, 0o2775, 0),
+        ("sticky-dir", tarfile.DIRTYPE, 0o1777, 0),
+        ("suid-fifo", tarfile.FIFOTYPE, 0o4640, 0),
+    ]:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = typ, mode, owner, owner, 1_000_000_000
+        data = b"#!/bin/sh\n" if typ == tarfile.REGTYPE else None
+        ti.size = len(data) if data else 0
+        members.append((ti, data))
+    return make_tar(*members)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(os.lstat(p).st_mode) for p in root.iterdir()}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="switching to an unprivileged uid needs root and setpriv",
+)
+def test_unprivileged_materialize_drops_setuid_setgid_like_gnu_tar():
+    """As an ordinary user GNU tar drops setuid/setgid (the files cannot have the layer's
+    owners, so the bits would grant the extracting user's rights); materialize did keep
+    them.  The other permission bits stay exact, as ``tar -xp`` keeps them."""
+    uid, gid = _nobody()
+    work = Path(tempfile.mkdtemp(prefix="layerstore-unpriv-"))
+    try:
+        os.chown(work, uid, gid)
+        tar = work / "layer.tar"
+        tar.write_bytes(_special_bits_tar())
+        for d in ("gnu", "gnu-p"):
+            (work / d).mkdir()
+            os.chown(work / d, uid, gid)
+        script = (
+            "import json, sys\n"
+            "from layerstore import Store\n"
+            "st = Store.init(sys.argv[1])\n"
+            "r = st.import_path(sys.argv[2])\n"
+            "m = st.materialize(r.diff_id, sys.argv[3], sync=False)\n"
+            "print(json.dumps(m.skipped))\n"
+        )
+        ours = work / "ours"
+        p = _as_user(uid, gid, [sys.executable, "-c", script, str(work / "s"), str(tar), str(ours)])
+        assert p.returncode == 0, p.stderr
+        skipped = json.loads(p.stdout)
+        for opt, d in (("-xf", "gnu"), ("-xpf", "gnu-p")):
+            g = _as_user(uid, gid, ["tar", opt, str(tar), "-C", str(work / d)])
+            assert g.returncode == 0, g.stderr
+        got, gnu, gnu_p = _modes(ours), _modes(work / "gnu"), _modes(work / "gnu-p")
+        assert set(got) == set(gnu) == set(gnu_p)
+        assert {n: m & 0o6000 for n, m in got.items()} == {n: m & 0o6000 for n, m in gnu.items()}
+        assert got == {n: m & ~0o6000 for n, m in gnu_p.items()}
+        assert os.stat(ours / "suid-root").st_uid == uid  # the owner it could not set...
+        assert skipped["ownership"] > 0  # ...is reported, and so are the dropped bits
+        assert skipped["setuid/setgid"] == 6  # 4 files, a directory, a fifo
+    finally:
+        shutil.rmtree(work)

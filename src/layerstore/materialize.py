@@ -99,6 +99,22 @@ class _Builder:
         self.opaque: list[str] = []  # overlay mode: directories to mark opaque at the end
 
     # helpers ---------------------------------------------------------------------------------
+    def unprivileged_mode(self, e: Entry, count: bool = True) -> None:
+        """As a non-root user, drop setuid and setgid from ``e.mode``, as GNU tar does.
+
+        Without root the tree's owners cannot be the layer's: every file belongs to the user
+        materializing.  A setuid bit would then grant *that* user's rights (a setuid-root
+        binary becomes setuid-alice), which is not what the layer asked for, so ``tar -x`` as
+        an ordinary user drops it.  (GNU tar then also applies the umask; materialize keeps
+        the other permission bits exactly, like ``tar -xp``, so a tree does not depend on who
+        built it beyond what cannot be built.)  Each drop is reported in ``skipped``.
+        """
+        if self.is_root or not e.mode & 0o6000 or e.kind in (SYMLINK, HARDLINK):
+            return
+        e.mode &= ~0o6000
+        if count:
+            self.skip("setuid/setgid")
+
     def skip(self, what: str) -> None:
         with self.lock:
             self.result.skipped[what] = self.result.skipped.get(what, 0) + 1
@@ -552,6 +568,7 @@ def _apply_layer(
     with ThreadPoolExecutor(max_workers=nworkers) as pool, open(manifest, "rb") as mf:
         for e in read_manifest(mf):
             result.entries += 1
+            b.unprivileged_mode(e)
             if e.kind == REG:
                 if whiteouts != "keep" and _is_whiteout(e):
                     if whiteouts == "overlay":
@@ -599,6 +616,7 @@ def _dir_metadata(b: _Builder, manifest: str, missing_ok: bool) -> None:
     with open(manifest, "rb") as mf:
         for e in read_manifest(mf):
             if e.kind == DIR and e.path != ".":
+                b.unprivileged_mode(e, count=False)  # counted in _apply_layer
                 try:
                     b.dir_meta(e)
                 except (FileNotFoundError, NotADirectoryError):
