@@ -29,7 +29,7 @@ import zstandard
 from test_hostile import dir_, hard, make_tar, reg, reject, sym
 from treecmp import diff_trees
 
-from layerstore import Store
+from layerstore import DestinationError, Store
 from layerstore.manifest import DIR
 
 BLOCK = 512
@@ -469,3 +469,35 @@ def test_unprivileged_materialize_drops_setuid_setgid_like_gnu_tar():
         assert skipped["setuid/setgid"] == 6  # 4 files, a directory, a fifo
     finally:
         shutil.rmtree(work)
+
+
+# -- item 8: the destination's parent replaced while materializing -----------------------------
+@pytest.mark.parametrize("by", ["symlink", "directory"])
+def test_destination_parent_swapped_mid_materialize(store, tmp_path, by):
+    """``out/`` is renamed away and replaced (by a symlink elsewhere, or another directory)
+    while ``out/dest`` is being built: a DestinationError, the staging tree removed from
+    where it really is, nothing created at the symlink's target."""
+    res = store.import_tar(io.BytesIO(make_tar(*(reg(f"f{i}", b"%d\n" % i) for i in range(8)))))
+    out, moved, elsewhere = tmp_path / "out", tmp_path / "moved", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    swapped = []
+
+    def swap(_n: int) -> None:
+        if not swapped:
+            swapped.append(1)
+            os.rename(out, moved)
+            if by == "symlink":
+                os.symlink(elsewhere, out)
+            else:
+                out.mkdir()
+
+    with pytest.raises(DestinationError, match=r"out.*replaced while materializing"):
+        store.materialize(res.diff_id, str(out / "dest"), sync=False, progress=swap)
+    assert swapped
+    assert os.listdir(moved) == []  # the staging tree is gone from where it went
+    assert os.listdir(elsewhere) == []
+    assert os.listdir(out) == []
+    # and the same destination works once the parent stays put
+    store.materialize(res.diff_id, str(moved / "dest"), sync=False)
+    assert sorted(os.listdir(moved / "dest")) == [f"f{i}" for i in range(8)]
