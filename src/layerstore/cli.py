@@ -138,6 +138,9 @@ def import_(
                 with c.progress(total, "B", f"import {os.path.basename(src)}") as upd:
                     r = st.import_path(src, progress=upd)
             results.append(r.to_json())
+            for w in r.warnings:  # accepted as GNU tar accepts it; worth a word (on stderr)
+                if not c.quiet:
+                    click.echo(f"warning: {src}: {w}", err=True)
             if not c.json and not c.quiet:
                 state = "already stored" if r.already_present else "imported"
                 if r.proved_unproved:

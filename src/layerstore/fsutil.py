@@ -70,14 +70,33 @@ _libc.renameat2.argtypes = [
 ]
 
 
-def rename_noreplace(src: str, dst: str) -> None:
-    """Atomically rename, failing with EEXIST instead of replacing an existing ``dst``."""
-    at_fdcwd = -100
-    if _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE):
+_AT_FDCWD: Final = -100
+
+
+def rename_noreplace(
+    src: str, dst: str, *, src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD
+) -> None:
+    """Atomically rename, failing with EEXIST instead of replacing an existing ``dst``.
+
+    With directory descriptors the names are resolved relative to them (renameat2), so a
+    directory swapped for a symlink after it was opened cannot redirect the rename."""
+    if _libc.renameat2(
+        src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE
+    ):
         e = ctypes.get_errno()
-        if e in (errno.ENOSYS, errno.EINVAL) and not os.path.lexists(dst):
-            os.rename(src, dst)  # old kernel or fs without RENAME_NOREPLACE: best effort
-            return
+        if e in (errno.ENOSYS, errno.EINVAL):
+            try:
+                os.lstat(dst, dir_fd=None if dst_dir_fd == _AT_FDCWD else dst_dir_fd)
+            except FileNotFoundError:
+                # old kernel or fs without RENAME_NOREPLACE: best effort
+                os.rename(
+                    src,
+                    dst,
+                    src_dir_fd=None if src_dir_fd == _AT_FDCWD else src_dir_fd,
+                    dst_dir_fd=None if dst_dir_fd == _AT_FDCWD else dst_dir_fd,
+                )
+                return
+            e = errno.EEXIST
         raise OSError(e, os.strerror(e), dst)
 
 

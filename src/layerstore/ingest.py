@@ -125,6 +125,9 @@ class ImportResult:
     # The store held this DiffID only unproved (a TOC-only import); this import proved it and
     # replaced that record's content with its own (``Store._commit_layer``).
     proved_unproved: bool = False
+    # What the tar reader accepted the way GNU tar does but a user may want to know (a
+    # malformed PAX mtime, a Solaris ACL ignored); at most tarstream.MAX_WARNINGS of them.
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -791,13 +794,23 @@ def _known_blob(
 
 
 def _check_ranges(m: TarMember) -> None:
-    """Refuse values no Linux filesystem (or the manifest format) can hold."""
-    if m.uid > _U32 or m.gid > _U32:
-        raise InvalidInputError(f"entry {m.name!r} has uid/gid {m.uid}/{m.gid} beyond 32 bits")
+    """Refuse values no Linux filesystem (or the manifest format) can hold.
+
+    Negative numbers come only from GNU base-256 fields (the tar reader refuses a sign in an
+    octal field): legitimate for an mtime before 1970, meaningless for an owner or a device.
+    """
+    for name, value in (
+        ("uid", m.uid),
+        ("gid", m.gid),
+        ("devmajor", m.devmajor),
+        ("devminor", m.devminor),
+    ):
+        if not 0 <= value <= _U32:
+            raise InvalidInputError(
+                f"entry {m.name!r} has {name} {value}, outside 0..{_U32}; the layer is malformed"
+            )
     if not _I64_MIN <= m.mtime_ns <= _I64_MAX:
         raise InvalidInputError(f"entry {m.name!r} has an mtime out of range")
-    if m.devmajor > _U32 or m.devminor > _U32:
-        raise InvalidInputError(f"entry {m.name!r} has device numbers beyond 32 bits")
     if len(m.linkname.encode("utf-8", "surrogateescape")) > PATH_MAX - 1:
         raise InvalidInputError(f"entry {m.name!r} has a link target over {PATH_MAX - 1} bytes")
     if len(m.xattrs) > 4096:
@@ -896,6 +909,9 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     raise InvalidInputError(f"entry {m.name!r} has unsupported tar type {typ!r}")
             imp.emit(e)
         tar.drain_rest()
+        warnings = list(tar.warnings)
+        if tar.warning_count > len(warnings):
+            warnings.append(f"... and {tar.warning_count - len(warnings)} more warnings")
         imp.drain_writes()
         if imp.entries:
             raise StoreError("internal error: manifest entries left unwritten; please report this")
@@ -925,6 +941,7 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
         files=imp.files,
         logical_bytes=imp.logical,
         inline_files=imp.inline,
+        warnings=warnings,
     )
 
 

@@ -9,6 +9,11 @@ passes over the manifest keep memory independent of the layer size:
 2. hardlinks (their targets exist now);
 3. directory metadata, times last (nothing modifies a directory after its times are set).
 
+A layer in which a later entry replaces an earlier one (``ordered``) is built strictly in tar
+order on one thread instead, hardlinks included: a hardlink made after the whole layer would
+link to whatever its target path held *last* (or replace the file a later entry put at its
+own path), where ``tar -x`` links to what the target held at that point of the archive.
+
 Safety: every path is opened beneath the staging root with openat2(RESOLVE_BENEATH |
 RESOLVE_NO_SYMLINKS), so a symlink in the tree can never redirect a write outside it.
 Descriptors are bounded: at most ~2 per worker plus a small cache of parent directories,
@@ -94,6 +99,22 @@ class _Builder:
         self.opaque: list[str] = []  # overlay mode: directories to mark opaque at the end
 
     # helpers ---------------------------------------------------------------------------------
+    def unprivileged_mode(self, e: Entry, count: bool = True) -> None:
+        """As a non-root user, drop setuid and setgid from ``e.mode``, as GNU tar does.
+
+        Without root the tree's owners cannot be the layer's: every file belongs to the user
+        materializing.  A setuid bit would then grant *that* user's rights (a setuid-root
+        binary becomes setuid-alice), which is not what the layer asked for, so ``tar -x`` as
+        an ordinary user drops it.  (GNU tar then also applies the umask; materialize keeps
+        the other permission bits exactly, like ``tar -xp``, so a tree does not depend on who
+        built it beyond what cannot be built.)  Each drop is reported in ``skipped``.
+        """
+        if self.is_root or not e.mode & 0o6000 or e.kind in (SYMLINK, HARDLINK):
+            return
+        e.mode &= ~0o6000
+        if count:
+            self.skip("setuid/setgid")
+
     def skip(self, what: str) -> None:
         with self.lock:
             self.result.skipped[what] = self.result.skipped.get(what, 0) + 1
@@ -513,20 +534,43 @@ def _current_umask() -> int:
     return 0o777  # unknown: assume the worst, so every file gets an explicit fchmod
 
 
-def _prepare(store: Store, dest: str, mode: str) -> tuple[str, str]:
+@dataclass
+class _Place:
+    """Where a tree is built and published: the destination's parent, opened once.
+
+    Staging, publishing and clean-up all go through ``parent_fd``, never through the parent's
+    path again: if the parent is renamed away and replaced (by a symlink elsewhere, say) while
+    the tree is built, nothing is created, renamed or removed anywhere but in the directory
+    that was opened, and the swap is reported instead of followed."""
+
+    dest: str  # absolute
+    parent: str  # its directory, as the caller named it
+    parent_fd: int  # O_PATH descriptor of that directory
+    parent_id: tuple[int, int]  # (st_dev, st_ino) when it was opened
+    name: str  # dest's last component
+    stage: str  # the staging directory's name, inside parent_fd
+
+
+def _prepare(store: Store, dest: str, mode: str) -> _Place:
     if mode not in MODES:
         raise InvalidInputError(f"materialize mode must be one of {', '.join(MODES)}")
     dest = os.path.abspath(dest)
     dparent = os.path.dirname(dest)
     if os.path.lexists(dest):
         raise DestinationError(f"{dest} exists; materialize creates a new directory")
-    if not os.path.isdir(dparent):
-        raise DestinationError(f"parent directory {dparent} does not exist")
-    stage = os.path.join(
-        dparent, f".{os.path.basename(dest)}.layerstore-{store.lease.id.hex()[:12]}-{os.getpid()}"
-    )
-    os.mkdir(stage, 0o700)
-    return dest, stage
+    try:
+        pfd = os.open(dparent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DestinationError(f"parent directory {dparent} does not exist") from None
+    st = os.fstat(pfd)
+    name = os.path.basename(dest)
+    stage = f".{name}.layerstore-{store.lease.id.hex()[:12]}-{os.getpid()}"
+    try:
+        os.mkdir(stage, 0o700, dir_fd=pfd)
+    except BaseException:
+        os.close(pfd)
+        raise
+    return _Place(dest, dparent, pfd, (st.st_dev, st.st_ino), name, stage)
 
 
 def _is_whiteout(e: Entry) -> bool:
@@ -565,6 +609,7 @@ def _apply_layer(
     with ThreadPoolExecutor(max_workers=nworkers) as pool, open(manifest, "rb") as mf:
         for e in read_manifest(mf):
             result.entries += 1
+            b.unprivileged_mode(e)
             if e.kind == REG:
                 if whiteouts != "keep" and _is_whiteout(e):
                     if whiteouts == "overlay":
@@ -590,7 +635,12 @@ def _apply_layer(
                     root_entry = e
                 b.make_dir(e)
             elif e.kind == HARDLINK:
-                links.append(e)  # made after every file exists; O(hardlinks) memory
+                if ordered:
+                    # In tar order: the target is what that path holds at this point of the
+                    # archive, and a later entry at either path replaces, as with tar -x.
+                    b.make_hardlink(e)
+                else:
+                    links.append(e)  # made after every file exists; O(hardlinks) memory
             elif e.kind in (SYMLINK, CHAR, BLOCK, FIFO):
                 b.make_special(e)
         if batch:
@@ -607,6 +657,7 @@ def _dir_metadata(b: _Builder, manifest: str, missing_ok: bool) -> None:
     with open(manifest, "rb") as mf:
         for e in read_manifest(mf):
             if e.kind == DIR and e.path != ".":
+                b.unprivileged_mode(e, count=False)  # counted in _apply_layer
                 try:
                     b.dir_meta(e)
                 except (FileNotFoundError, NotADirectoryError):
@@ -615,7 +666,7 @@ def _dir_metadata(b: _Builder, manifest: str, missing_ok: bool) -> None:
 
 
 def _publish(
-    b: _Builder, root_fd: int, root_entry: Entry | None, stage: str, dest: str, sync: bool
+    b: _Builder, root_fd: int, root_entry: Entry | None, place: _Place, sync: bool
 ) -> None:
     if root_entry is not None:
         b._meta_fd(root_fd, root_entry)
@@ -624,9 +675,24 @@ def _publish(
     if sync:
         syncfs(root_fd)
     try:
-        rename_noreplace(stage, dest)
+        st = os.stat(place.parent)
+        same = (st.st_dev, st.st_ino) == place.parent_id
+    except OSError:
+        same = False
+    if not same:
+        raise DestinationError(
+            f"{place.parent} was moved or replaced while materializing into it; nothing was "
+            f"published at {place.dest} and the partial tree was removed. Make sure nothing "
+            "else renames that directory, and retry"
+        )
+    try:
+        rename_noreplace(
+            place.stage, place.name, src_dir_fd=place.parent_fd, dst_dir_fd=place.parent_fd
+        )
     except FileExistsError:
-        raise DestinationError(f"{dest} appeared while materializing; left it alone") from None
+        raise DestinationError(
+            f"{place.dest} appeared while materializing; left it alone"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -644,24 +710,33 @@ def _building(
     applies the root's metadata, syncs and renames the tree into place.
     """
     t0 = time.monotonic()
-    dest, stage = _prepare(store, dest, mode)
-    result = MaterializeResult(dest=dest)
-    root_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    place = _prepare(store, dest, mode)
+    pfd = place.parent_fd
+    try:
+        root_fd = os.open(
+            place.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+        )
+    except BaseException:
+        shutil.rmtree(place.stage, dir_fd=pfd, ignore_errors=True)
+        os.close(pfd)
+        raise
+    result = MaterializeResult(dest=place.dest)
     b = _Builder(store, root_fd, mode, result)
     b.progress = progress
     b.ordered = ordered
 
     def publish(root_entry: Entry | None) -> None:
-        _publish(b, root_fd, root_entry, stage, dest, sync)
+        _publish(b, root_fd, root_entry, place, sync)
 
     try:
         yield b, publish
     except BaseException:
         b.close()
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(place.stage, dir_fd=pfd, ignore_errors=True)
         raise
     finally:
         os.close(root_fd)
+        os.close(pfd)
     result.methods = dict(b.cloner.counts)
     result.seconds = time.monotonic() - t0
 

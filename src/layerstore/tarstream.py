@@ -12,6 +12,14 @@ bytes.  Layers are untrusted and large, so this reader is written for that job:
   PAX sparse formats 0.0, 0.1 and 1.0 are understood; sparse files are expanded (holes read as
   zeros), which is what ``tar -x`` produces.
 
+Where tar writers disagree, GNU tar is the oracle: the tree a layer gives must be the tree
+``tar -x`` gives for the same bytes, never a different one in silence (docs/format.md, "Tar
+dialects").  So only regular files (and the few metadata types that have a body) carry data:
+the size field of a link, symlink, device, fifo or directory is ignored as GNU tar, libarchive
+and Go ignore it; an old-style entry whose name ends in ``/`` is a directory; a GNU volume label
+is skipped; a Solaris ACL header is skipped when the entry it describes follows; a malformed
+PAX ``mtime`` falls back to the header's (with a warning in :attr:`TarReader.warnings`).
+
 Names are returned as ``str`` decoded UTF-8 with ``surrogateescape``: the original bytes of a
 non-UTF-8 name survive a round trip through ``os`` functions.
 """
@@ -19,9 +27,9 @@ non-UTF-8 name survive a round trip through ``os`` functions.
 from __future__ import annotations
 
 import base64
+import re
 import urllib.parse
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from .errors import InvalidInputError
@@ -32,6 +40,11 @@ MAX_META: Final = 16 << 20  # one PAX header or GNU long name
 MAX_SPARSE_ENTRIES: Final = 1 << 20
 
 REGTYPES: Final = (b"0", b"\x00", b"7")
+# Types that never carry data, whatever their size field says (GNU tar, libarchive and Go all
+# read the next header right after them; see the module docstring).
+NODATA_TYPES: Final = (b"1", b"2", b"3", b"4", b"5", b"6")
+# Warnings kept per stream (the rest are only counted): bounded memory for hostile input.
+MAX_WARNINGS: Final = 100
 
 
 class TarMember:
@@ -79,18 +92,35 @@ def _field_str(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
+# An octal number field as GNU tar reads it: optional leading whitespace, octal digits, then a
+# NUL, whitespace or the end of the field.  (``int(s, 8)`` alone would also take "-1", "+7",
+# "0o17" and "1_0", none of which GNU tar reads as that number.)
+_OCTAL: Final = re.compile(rb"[ \t\n\v\f\r]*([0-7]+)[ \t\n\v\f\r]*")
+_PAX_INT: Final = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
+_PAX_TIME: Final = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
+
+
 def _num(b: bytes, what: str) -> int:
-    """Octal ASCII (space/NUL padded) or GNU base-256 (high bit set)."""
+    """Octal ASCII (space/NUL padded) or GNU base-256 (high bit set).
+
+    One leading NUL is skipped, as GNU tar does ("buggy tar of unknown vintage" writing a NUL
+    when the previous field overflowed); a field that is empty or blank reads as 0.  Anything
+    else that is not octal digits -- a sign, a radix prefix, underscores -- is refused: GNU tar
+    would read it differently (a leading ``-`` is its obsolete base-64), and a value read
+    differently from ``tar -x`` is a different tree.
+    """
     if b and b[0] & 0x80:
         return _num256(b)
+    if b[:1] == b"\x00":
+        b = b[1:]
     i = b.find(b"\x00")
     s = b if i < 0 else b[:i]
-    try:
-        return int(s, 8)  # int() itself ignores the space padding
-    except ValueError:
-        if not s.strip(b" "):
-            return 0  # an empty field
-        raise InvalidInputError(f"tar header field {what} is not a number: {b!r}") from None
+    m = _OCTAL.fullmatch(s)
+    if m is not None:
+        return int(m.group(1), 8)
+    if not s.strip(b" "):
+        return 0  # an empty field
+    raise InvalidInputError(f"tar header field {what} is not an octal number: {b!r}")
 
 
 def _num256(b: bytes) -> int:
@@ -123,10 +153,9 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
         sp = data.find(b" ", pos)
         if sp < 0:
             raise InvalidInputError("PAX header record has no length")
-        try:
-            length = int(data[pos:sp])
-        except ValueError:
-            raise InvalidInputError(f"PAX header record length {data[pos:sp]!r} is bad") from None
+        if not data[pos:sp].isdigit() or sp - pos > 9:
+            raise InvalidInputError(f"PAX header record length {data[pos:sp]!r} is bad")
+        length = int(data[pos:sp])
         end = pos + length
         if length <= sp - pos + 1 or end > n or data[end - 1 : end] != b"\n":
             raise InvalidInputError("PAX header record is malformed or truncated")
@@ -146,23 +175,61 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
 
 
 def _pax_int(v: bytes, key: str) -> int:
-    try:
-        x = int(v)
-    except ValueError:
-        raise InvalidInputError(f"PAX {key}={v!r} is not an integer") from None
-    if x < 0:
-        raise InvalidInputError(f"PAX {key}={v!r} is negative")
-    return x
+    """A decimal PAX number, read as GNU tar reads it (strtoumax: leading blanks and ``+``)."""
+    m = _PAX_INT.fullmatch(v)
+    if m is None or len(m.group(1)) > 4000:  # (Python refuses longer digit strings anyway)
+        raise InvalidInputError(f"PAX {key}={v[:40]!r} is not a non-negative integer")
+    return int(m.group(1))
 
 
-def _pax_time_ns(v: bytes) -> int:
-    try:
-        d = Decimal(v.decode("ascii"))
-    except (InvalidOperation, UnicodeDecodeError):
-        raise InvalidInputError(f"PAX mtime {v!r} is not a number") from None
-    if not d.is_finite():
-        raise InvalidInputError(f"PAX mtime {v!r} is not finite")
-    return int(d * 1_000_000_000)
+def _pax_time_ns(v: bytes) -> int | None:
+    """A PAX time in nanoseconds, as GNU tar reads it; ``None`` if it is not a number.
+
+    GNU tar takes the longest prefix of the form ``-?DIGITS[.DIGITS]`` (so ``12.5x`` is 12.5
+    and ``1e5`` is 1), drops fraction digits past the ninth rounding toward minus infinity,
+    and ignores a value with no such prefix (warning "Malformed extended header").  Matching
+    it exactly is what keeps the tree equal to ``tar -x``'s.
+    """
+    m = _PAX_TIME.match(v)
+    if m is None:
+        return None
+    neg, whole, frac = m.group(1), m.group(2), m.group(3) or b""
+    if len(whole) > 30:
+        return 1 << 70  # far out of range: refused by the importer's range check
+    ns = int(whole) * 1_000_000_000 + int(frac[:9].ljust(9, b"0"))
+    if neg:
+        ns = -ns
+        if frac[9:].strip(b"0"):
+            ns -= 1  # floor, as GNU tar rounds
+    return ns
+
+
+def _entry_name(h: bytes, pax: dict[str, bytes], longname: bytes | None) -> bytes:
+    """An entry's name: PAX ``path``, else a GNU long name, else the header's (with the
+    POSIX ustar prefix)."""
+    if "path" in pax:
+        return pax["path"]
+    if longname is not None:
+        return longname
+    name = _field_str(h[0:100])
+    if h[257:263] == b"ustar\x00":  # POSIX ustar: prefix field
+        prefix = _field_str(h[345:500])
+        if prefix:
+            name = prefix + b"/" + name
+    return name
+
+
+def _acl_alone(acl: bytes, nxt: bytes | None) -> InvalidInputError:
+    what = "the end of the archive" if nxt is None else f"entry {_dec(nxt)!r}"
+    return InvalidInputError(
+        f"Solaris ACL header {_dec(acl)!r} is followed by {what}, not by the entry it "
+        "describes (GNU tar would extract the ACL as a file of that name); refused"
+    )
+
+
+def _norm_name(name: bytes) -> bytes:
+    """A tar name without empty and ``.`` components (to compare two names for one entry)."""
+    return b"/".join(c for c in name.split(b"/") if c not in (b"", b"."))
 
 
 class TarReader:
@@ -182,6 +249,18 @@ class TarReader:
         self._logical_left = 0
         self._logical_pos = 0
         self._global: dict[str, bytes] = {}
+        # What was accepted but differs from a strict reading (a malformed PAX mtime, a
+        # Solaris ACL skipped): the first MAX_WARNINGS messages, and how many there were.
+        self.warnings: list[str] = []
+        self.warning_count = 0
+        # The last entry, if it was a non-file with a nonzero size (ignored): named in the
+        # error if the next block turns out not to be a header.
+        self._sized_nodata: str | None = None
+
+    def _warn(self, msg: str) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(msg)
 
     # low-level --------------------------------------------------------------------------------
     def _fill(self, n: int) -> None:
@@ -264,6 +343,7 @@ class TarReader:
         pax: dict[str, bytes] = {}
         longname: bytes | None = None
         longlink: bytes | None = None
+        acl_for: bytes | None = None  # the name a Solaris ACL header just described
         while True:
             self._fill(BLOCK)
             if len(self._buf) - self._pos == 0:
@@ -272,22 +352,33 @@ class TarReader:
                     "(truncated)"
                 )
             h = self._take(BLOCK, "a header")
+            at = self.offset - BLOCK
             if h == _ZERO_BLOCK:
+                if acl_for is not None:
+                    raise _acl_alone(acl_for, None)
                 return None  # end of archive (a second zero block, if any, is trailing data)
             if not _checksum_ok(h):
+                hint = ""
+                if self._sized_nodata is not None:
+                    # e.g. a pax "hardlink with data": GNU tar reads that data as a header too
+                    hint = (
+                        f"; the entry before it, {self._sized_nodata!r}, is not a file but has "
+                        "a size: an archive that stores data for such entries is not supported"
+                    )
                 raise InvalidInputError(
-                    f"tar header at byte {self.offset - BLOCK} has a bad checksum (corrupt)"
+                    f"tar header at byte {at} has a bad checksum (corrupt){hint}"
                 )
+            self._sized_nodata = None
             typ = h[156:157]
-            size = _num(h[124:136], "size")
+            size = _num(h[124:136], f"size of the header at byte {at}")
             if size < 0:
-                raise InvalidInputError("tar header has a negative size")
-            if typ in (b"x", b"g", b"L", b"K"):
+                raise InvalidInputError(f"tar header at byte {at} has a negative size")
+            if typ in (b"x", b"X", b"g", b"L", b"K"):  # "X": Solaris' name for "x"
                 if size > MAX_META:
                     raise InvalidInputError(f"tar metadata header of {size} bytes is implausible")
                 data = self._take(size, "a PAX/GNU long-name header")
                 self._skip((-size) % BLOCK, "header padding")
-                if typ == b"x":
+                if typ in (b"x", b"X"):
                     pax.update(_parse_pax(data))
                 elif typ == b"g":
                     self._global.update(_parse_pax(data))
@@ -296,13 +387,34 @@ class TarReader:
                 else:
                     longlink = _field_str(data)
                 continue
-            if typ in (b"V", b"M", b"N"):
+            if typ in (b"V", b"A"):
+                # Not entries, but headers with a body that GNU tar reads past: a volume label
+                # (skipped without a word) and a Solaris ACL for the entry that follows (GNU
+                # tar extracts it as a file that entry then replaces; layers carry no ACLs).
+                name = _entry_name(h, {**self._global, **pax}, longname)
+                self._skip(size + (-size) % BLOCK, "a volume label or ACL header")
+                if typ == b"A":
+                    if acl_for is not None:
+                        raise _acl_alone(acl_for, name)
+                    acl_for = name
+                pax, longname, longlink = {}, None, None
+                continue
+            if typ in (b"M", b"N"):
                 raise InvalidInputError(
-                    f"tar entry type {typ!r} (volume label / multi-volume) is not a layer entry"
+                    f"tar entry type {typ!r} (multi-volume continuation / old GNU names) "
+                    "is not a layer entry"
                 )
             if self.rec is not None:
                 self.rec.entry += 1
-            return self._member(h, typ, size, {**self._global, **pax}, longname, longlink)
+            m = self._member(h, typ, size, {**self._global, **pax}, longname, longlink)
+            if acl_for is not None:
+                if _norm_name(acl_for) != _norm_name(m.name.encode("utf-8", "surrogateescape")):
+                    raise _acl_alone(acl_for, m.name.encode("utf-8", "surrogateescape"))
+                self._warn(
+                    f"entry {m.name!r}: its Solaris ACL (tar type 'A') was ignored; "
+                    "layers carry no ACLs"
+                )
+            return m
 
     def _member(
         self,
@@ -314,28 +426,20 @@ class TarReader:
         longlink: bytes | None,
     ) -> TarMember:
         m = TarMember()
-        magic = h[257:263]
-        name = _field_str(h[0:100])
-        if magic == b"ustar\x00":  # POSIX ustar: prefix field
-            prefix = _field_str(h[345:500])
-            if prefix:
-                name = prefix + b"/" + name
-        if longname is not None:
-            name = longname
+        name = _entry_name(h, pax, longname)
+        shown = _dec(name)
         link = _field_str(h[157:257]) if longlink is None else longlink
         m.type = b"0" if typ == b"\x00" else typ
-        m.mode = _num(h[100:108], "mode") & 0o7777
-        m.uid = _num(h[108:116], "uid")
-        m.gid = _num(h[116:124], "gid")
-        m.mtime_ns = _num(h[136:148], "mtime") * 1_000_000_000
-        m.devmajor = _num(h[329:337], "devmajor")
-        m.devminor = _num(h[337:345], "devminor")
+        m.mode = _num(h[100:108], f"mode of entry {shown!r}") & 0o7777
+        m.uid = _num(h[108:116], f"uid of entry {shown!r}")
+        m.gid = _num(h[116:124], f"gid of entry {shown!r}")
+        m.mtime_ns = _num(h[136:148], f"mtime of entry {shown!r}") * 1_000_000_000
+        m.devmajor = _num(h[329:337], f"devmajor of entry {shown!r}")
+        m.devminor = _num(h[337:345], f"devminor of entry {shown!r}")
         m.stored = size
         m.size = size
         for key, v in pax.items():
-            if key == "path":
-                name = v
-            elif key == "linkpath":
+            if key == "linkpath":
                 link = v
             elif key == "size":
                 m.stored = m.size = _pax_int(v, key)
@@ -344,7 +448,14 @@ class TarReader:
             elif key == "gid":
                 m.gid = _pax_int(v, key)
             elif key == "mtime":
-                m.mtime_ns = _pax_time_ns(v)
+                t = _pax_time_ns(v)
+                if t is None:
+                    self._warn(
+                        f"entry {shown!r}: PAX mtime {v[:40]!r} is not a number; the "
+                        "header's mtime was used (as GNU tar does)"
+                    )
+                else:
+                    m.mtime_ns = t
             elif key.startswith("SCHILY.xattr."):
                 m.xattrs[key[13:]] = v
             elif key.startswith("LIBARCHIVE.xattr."):
@@ -353,23 +464,37 @@ class TarReader:
                     m.xattrs.setdefault(xname, base64.b64decode(v + b"=" * (-len(v) % 4)))
                 except ValueError:
                     raise InvalidInputError(f"bad base64 in PAX {key}") from None
+        pax_sparse = (
+            "GNU.sparse.major" in pax or "GNU.sparse.map" in pax or "GNU.sparse.map0" in pax
+        )
+        if pax_sparse and "GNU.sparse.name" in pax:
+            name = pax["GNU.sparse.name"]
+        # Which entries have a body is decided as GNU tar decides it: only regular files
+        # (and a GNU dumpdir's listing).  A pre-POSIX writer marked a directory by the
+        # trailing slash of a regular-typed entry ("name/", type NUL); its size is ignored
+        # like that of every other non-file.
+        no_data = typ in NODATA_TYPES
+        if m.type in REGTYPES and name.endswith(b"/"):
+            m.type = b"5"
+            no_data = True
+        if pax_sparse and m.type not in REGTYPES:
+            raise InvalidInputError(f"entry {shown!r} has PAX sparse keys but is not a file")
         if typ == b"S":
             self._gnu_old_sparse(h, m)
-        elif "GNU.sparse.major" in pax or "GNU.sparse.map" in pax or "GNU.sparse.map0" in pax:
-            name = self._pax_sparse(pax, m, name)
-        if m.type == b"D":  # GNU dumpdir: a directory whose payload lists names; ignore it
-            m.type = b"5"
+        elif pax_sparse:
+            self._pax_sparse(pax, m)
         m.name = _dec(name)
         m.linkname = _dec(link)
-        if m.type in (b"1", b"2", b"3", b"4", b"5", b"6"):
-            # Only regular files carry data; skip whatever a hostile header claims.
-            payload = m.stored
-            m.size = 0
-            m.stored = 0
-            self._left, self._pad = payload, (-payload) % BLOCK
-            self._skip_rest()
-            self._skip(self._pad, "member padding")
-            self._pad = 0
+        if no_data:
+            if m.stored:
+                self._sized_nodata = m.name
+            m.size = m.stored = 0
+        elif m.type == b"D":  # GNU dumpdir: a directory whose body lists names; skip it
+            m.type = b"5"
+            self._skip(m.stored + (-m.stored) % BLOCK, "a GNU dumpdir listing")
+            m.size = m.stored = 0
+        elif m.type not in REGTYPES:
+            raise InvalidInputError(f"entry {shown!r} has unsupported tar type {typ!r}")
         else:
             self._left = m.stored
             self._pad = (-m.stored) % BLOCK
@@ -401,9 +526,7 @@ class TarReader:
         m.size = _num(h[483:495], "sparse realsize")
         m.sparse = self._check_sparse(entries, m)
 
-    def _pax_sparse(self, pax: dict[str, bytes], m: TarMember, name: bytes) -> bytes:
-        if "GNU.sparse.name" in pax:
-            name = pax["GNU.sparse.name"]
+    def _pax_sparse(self, pax: dict[str, bytes], m: TarMember) -> None:
         real = pax.get("GNU.sparse.realsize") or pax.get("GNU.sparse.size")
         if real is None:
             raise InvalidInputError("PAX sparse file without GNU.sparse.realsize")
@@ -434,7 +557,6 @@ class TarReader:
                 raise InvalidInputError("PAX sparse map has an odd number of values")
             entries = list(zip(vals[::2], vals[1::2], strict=True))
         m.sparse = self._check_sparse(entries, m)
-        return name
 
     @staticmethod
     def _check_sparse(entries: list[tuple[int, int]], m: TarMember) -> list[tuple[int, int]]:
