@@ -7,8 +7,7 @@ memory), and zeros after the tar's end-of-archive block (refused once past
 decompressed, hashed and kept in the tar-split to the last byte).
 
 The big bombs run the real CLI (``layerstore import``) in a child and watch its peak RSS
-(``VmHWM`` in /proc/PID/status, which starts afresh at exec, unlike ``ru_maxrss`` that a
-fork+exec'd child inherits from this pytest process).  They are built by hand, cheaply: a zstd
+(``VmHWM``, tests/memwatch.py).  They are built by hand, cheaply: a zstd
 frame of RLE blocks is 4 bytes per 128 KiB (10 GiB in 320 KiB), and a gzip member of 64 MiB of
 zeros repeated 64 times is a 4 MB blob of 4 GiB.  A streaming child is killed once it has
 staged more than twice the memory bound (proof that the bytes went through, not into memory),
@@ -33,12 +32,12 @@ from pathlib import Path
 import pytest
 import zstandard
 from chunkedblob import rle_bomb
+from memwatch import LIMIT_KB, Watched, watch
 from test_hostile import Sandbox, assert_store_clean, end_of_members, make_tar, reg, reject
 
 from layerstore import InvalidInputError, Store, blobs
 from layerstore.tarstream import MAX_TRAILING
 
-LIMIT_KB = 200 << 10  # the bound the issue sets: 200 MiB of peak RSS for the whole import
 PROVEN = 2 * LIMIT_KB << 10  # bytes staged once the child has streamed twice the bound
 
 
@@ -99,17 +98,6 @@ def gzip_trailing_bomb(members: int = 64) -> bytes:
 
 
 # -- the child and its peak RSS --------------------------------------------------------------------
-def _vm_hwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None  # a zombie: its memory is gone already
-
-
 def _staged_bytes(root: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(root / "staging"):
@@ -122,12 +110,8 @@ def _staged_bytes(root: Path) -> int:
 
 
 @dataclass
-class Child:
-    rc: int | None  # None: killed by the test
-    why: str  # "exited", "proven", "memory", "timeout"
-    hwm_kb: int
-    seconds: float
-    stderr: str
+class Child(Watched):
+    stderr: str = ""
 
 
 def _cli() -> list[str]:
@@ -141,14 +125,11 @@ def run_import(
     proven: Callable[[], bool] | None = None,
     timeout: float = 60,
 ) -> Child:
-    """``layerstore import BLOB`` in a child; its VmHWM sampled every 10 ms.  The child is
-    killed the moment it passes the bound (so a regression fails fast instead of eating the
-    machine), when ``proven()`` says enough has streamed through, or at ``timeout``."""
+    """``layerstore import BLOB`` in a child, its VmHWM watched (memwatch.watch)."""
     path = tmp_path / "bomb.blob"
     path.write_bytes(blob)
     err = tmp_path / "child.err"
     env = {**os.environ, "LAYERSTORE_STORE": str(tmp_path / "store")}
-    t0 = time.monotonic()
     with open(err, "wb") as ef:
         p = subprocess.Popen(
             [*_cli(), "-q", "import", str(path)],
@@ -157,33 +138,8 @@ def run_import(
             stderr=ef,
             env=env,
         )
-        hwm, why = 0, "exited"
-        try:
-            while p.poll() is None:
-                kb = _vm_hwm_kb(p.pid)
-                if kb is not None:
-                    hwm = max(hwm, kb)
-                if hwm > LIMIT_KB:
-                    why = "memory"
-                elif time.monotonic() - t0 > timeout:
-                    why = "timeout"
-                elif proven is not None and kb is not None and proven():
-                    why = "proven"
-                if why != "exited":
-                    p.kill()
-                    break
-                time.sleep(0.01)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            rc = p.wait()
-    return Child(
-        rc if why == "exited" else None,
-        why,
-        hwm,
-        time.monotonic() - t0,
-        err.read_text(errors="replace"),
-    )
+        w = watch(p, timeout=timeout, proven=proven)
+    return Child(w.rc, w.why, w.hwm_kb, w.seconds, err.read_text(errors="replace"))
 
 
 # -- one huge file: streamed, bounded ------------------------------------------------------------
