@@ -21,6 +21,7 @@ from .errors import (
     InvalidInputError,
     LayerstoreError,
     NotFoundError,
+    SourceError,
     StoreError,
     UnsafePathError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "LayerstoreError",
     "MaterializeResult",
     "NotFoundError",
+    "SourceError",
     "Store",
     "StoreError",
     "UnsafePathError",

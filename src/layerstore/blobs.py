@@ -10,30 +10,44 @@ integrity: gzip CRC32/ISIZE of every member, zstd frame completeness and checksu
 anything after the last member that is not zero padding.  So the DiffID covers every byte of
 the uncompressed stream, and a corrupt or truncated blob is an error even where the tar inside
 happens to look complete.
+
+Memory is bounded by a constant whatever the compression ratio (a 320 KiB zstd blob can
+announce 10 GiB): each decompressor call returns at most ``_CHUNK`` bytes (``max_length``; for
+zstd that needs the stdlib-style decompressor of ``compression.zstd``, since python-zstandard's
+``decompressobj`` has no output bound), the producer hands over one piece at a time, and the
+queue holds at most ``QUEUE_BYTES``.  What the tar reader then does with the bytes is bounded
+too (``tarstream``; docs/operations.md, "Resource bounds").
 """
 
 from __future__ import annotations
 
 import hashlib
 import queue
+import sys
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
-
-import zstandard
 
 from .errors import InvalidInputError
 
+if sys.version_info >= (3, 14):
+    from compression.zstd import ZstdDecompressor, ZstdError
+else:  # the same module, backported (a declared dependency before 3.14)
+    from backports.zstd import ZstdDecompressor, ZstdError
+
+_zlib: Any  # isal_zlib or zlib: the same API (decompressobj, max_length, error)
 try:  # ISA-L's inflate is ~2x faster than zlib's and a drop-in replacement (docs/dependencies)
     from isal import isal_zlib as _zlib
 except ImportError:  # pragma: no cover - isal is a declared dependency; zlib is the fallback
-    _zlib = zlib  # type: ignore[no-redef]
+    _zlib = zlib
 
 GZIP_MAGIC: Final = b"\x1f\x8b"
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-_CHUNK: Final = 1 << 20
-_QUEUE: Final = 16  # chunks in flight between producer and consumer (bounded memory)
+_CHUNK: Final = 1 << 20  # input read, and decompressed output handed over, per piece (at most)
+_QUEUE: Final = 16  # pieces in flight between producer and consumer
+QUEUE_BYTES: Final = _QUEUE * _CHUNK  # so the queue never holds more than this
+_ZSTD_SLICE: Final = 64 << 10  # zstd input per decompressor call (see _Unzstd.feed)
 
 
 def is_zstd_skippable(head: bytes) -> bool:
@@ -61,29 +75,31 @@ class _Gunzip:
         self.d: Any = _zlib.decompressobj(wbits=31)
         self.in_member = False
 
-    def feed(self, data: bytes) -> list[bytes]:
-        out = []
-        while data:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The output of ``data``, in pieces of at most ``_CHUNK`` bytes, produced lazily: a
+        member of zeros expands ~1000x, so one input chunk can be a gigabyte of output."""
+        while True:
             if not self.in_member:
                 data = data.lstrip(b"\x00")  # zero padding between/after members is allowed
                 if not data:
-                    break
+                    return
                 if not data.startswith(GZIP_MAGIC[: len(data)]):
                     raise InvalidInputError("data after the last gzip member is not gzip")
                 self.d = _zlib.decompressobj(wbits=31)
                 self.in_member = True
             try:
-                chunk = self.d.decompress(data)
-            except (zlib.error, _zlib.error) as exc:
+                chunk = self.d.decompress(data, _CHUNK)
+            except (zlib.error, _zlib.error) as exc:  # ISA-L has its own error class
                 raise InvalidInputError(f"gzip stream is corrupt: {exc}") from None
             if chunk:
-                out.append(chunk)
+                yield chunk
             if self.d.eof:
                 self.in_member = False
                 data = self.d.unused_data
-            else:
-                data = b""
-        return out
+                continue
+            data = self.d.unconsumed_tail  # input left over because the output was full
+            if not data and len(chunk) < _CHUNK:
+                return  # all input consumed and nothing pending: wait for more input
 
     def finish(self) -> None:
         if self.in_member:
@@ -91,29 +107,42 @@ class _Gunzip:
 
 
 class _Unzstd:
-    """zstd frame by frame (skippable frames included), so truncation is always detected."""
+    """zstd frame by frame (skippable frames included), so truncation is always detected.
+
+    ``compression.zstd``'s decompressor (one per frame, like ``lzma``) is the one whose
+    ``decompress`` takes a ``max_length``: an RLE block is 4 bytes for 128 KiB, so one input
+    chunk may hold 32 GiB of output, which must come out a piece at a time."""
 
     def __init__(self) -> None:
-        self.dctx = zstandard.ZstdDecompressor()
-        self.d: Any = None
+        self.d: ZstdDecompressor | None = None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        out = []
-        while data:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The output of ``data``, in pieces of at most ``_CHUNK`` bytes, produced lazily."""
+        # In slices: at a frame's end the decompressor copies the rest of its input into
+        # ``unused_data``, and a zstd:chunked blob has a frame per file (~100 per MiB).
+        view = memoryview(data)
+        for i in range(0, len(view), _ZSTD_SLICE):
+            yield from self._feed(view[i : i + _ZSTD_SLICE])
+
+    def _feed(self, data: bytes | memoryview) -> Iterator[bytes]:
+        while True:
             if self.d is None:
-                self.d = self.dctx.decompressobj()
+                if not data:
+                    return
+                self.d = ZstdDecompressor()
             try:
-                chunk = self.d.decompress(data)
-            except zstandard.ZstdError as exc:
+                chunk = self.d.decompress(data, _CHUNK)
+            except ZstdError as exc:
                 raise InvalidInputError(f"zstd stream is corrupt: {exc}") from None
             if chunk:
-                out.append(chunk)
+                yield chunk
             if self.d.eof:
-                data = self.d.unused_data
+                data = self.d.unused_data  # the next frame's bytes, if any
                 self.d = None
+            elif self.d.needs_input:
+                return
             else:
-                data = b""
-        return out
+                data = b""  # more output pending from the input it holds
 
     def finish(self) -> None:
         if self.d is not None:
@@ -167,12 +196,14 @@ class BlobReader:
                 self.total_in += len(data)
                 if self.progress is not None:
                     self.progress(len(data))
-                chunks = dec.feed(data) if dec is not None else [data]
-                for c in chunks:
+                # One piece at a time into the bounded queue: the decompressor makes the next
+                # only when this one has been queued, so nothing runs ahead of the consumer.
+                pieces = dec.feed(data) if dec is not None else _pieces(data)
+                for c in pieces:
+                    if self._stop:
+                        break
                     self.diff_sha.update(c)
                     self.total_out += len(c)
-                    if self._stop:
-                        continue
                     self._q.put(c)
                 data = self.raw.read(_CHUNK)
             if dec is not None:
@@ -233,6 +264,15 @@ class BlobReader:
             except queue.Empty:
                 pass
         self._thread.join()
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    """Plain input as queue pieces of at most ``_CHUNK`` (a source may return more)."""
+    if len(data) <= _CHUNK:
+        yield data
+        return
+    for i in range(0, len(data), _CHUNK):
+        yield data[i : i + _CHUNK]
 
 
 def _read_some(raw: Any, n: int) -> bytes:

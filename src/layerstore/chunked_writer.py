@@ -199,7 +199,7 @@ def _write(tar_stream: BinaryIO, dest: BinaryIO, diff_id: str) -> ChunkedBlob:
         else:
             toc.append(e)
         split.append(entry_split)
-    tar.drain_rest()
+    tar.drain_rest(None)  # a stored layer: bounded at its import
     flush_raw()
     for n, s in enumerate(split):
         s["position"] = n

@@ -51,6 +51,13 @@ class UnsafePathError(InvalidInputError):
     """An entry name escapes the layer root, or an entry would be written through a symlink."""
 
 
+class SourceError(InvalidInputError):
+    """The input could not be read: a URL whose server refuses or drops the connection, times
+    out, redirects in a loop, or answers outside the bounds layerstore reads (exit 2, like any
+    bad input; a separate class so a caller can tell a retryable network failure from a
+    hostile blob)."""
+
+
 class CorruptObjectError(LayerstoreError):
     """An object's content does not match its digest, or an object the index lists is missing."""
 

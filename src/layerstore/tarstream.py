@@ -38,6 +38,11 @@ BLOCK: Final = 512
 # Caps that separate "large" from "hostile" for metadata held in memory.
 MAX_META: Final = 16 << 20  # one PAX header or GNU long name
 MAX_SPARSE_ENTRIES: Final = 1 << 20
+# Bytes after the end-of-archive block: tar writers add the second zero block and pad to their
+# record size (GNU tar and bsdtar: 10 KiB; a blocking factor of 2048 is 1 MiB).  More than this
+# is no tar writer's output but a decompression bomb's (zeros compress to nothing), which the
+# DiffID, the tar-split and an export would otherwise carry to the last byte.
+MAX_TRAILING: Final = 1 << 20
 
 REGTYPES: Final = (b"0", b"\x00", b"7")
 # Types that never carry data, whatever their size field says (GNU tar, libarchive and Go all
@@ -316,12 +321,24 @@ class TarReader:
                 self.rec.raw(b)
             n -= len(b)
 
-    def drain_rest(self) -> None:
-        """Consume whatever follows the end-of-archive block (recorded: it is in the DiffID)."""
+    def drain_rest(self, limit: int | None = MAX_TRAILING) -> None:
+        """Consume whatever follows the end-of-archive block (recorded: it is in the DiffID).
+
+        More than ``limit`` bytes there is refused (``None``: no limit, for a layer already
+        in the store)."""
+        left = limit
         while True:
-            b = self._take_upto(1 << 20)
+            b = self._take_upto(1 << 20 if left is None else min(1 << 20, left + 1))
             if not b:
                 return
+            if left is not None:
+                left -= len(b)
+                if left < 0:
+                    raise InvalidInputError(
+                        f"the tar stream goes on for more than {limit} bytes after its "
+                        "end-of-archive block (tar writers add at most a record of padding "
+                        "there): refused as corrupt or a decompression bomb"
+                    )
             if self.rec is not None:
                 self.rec.raw(b)
 
