@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import click
 import lmdb
@@ -23,6 +23,8 @@ from .errors import LayerstoreError
 from .index import index_error
 from .store import ENV_STORE, Store, default_store_path
 
+_opened: list[str] = []  # the store this command opened: names its index in LMDB errors
+
 
 class Ctx:
     def __init__(self, store: str, as_json: bool, quiet: bool) -> None:
@@ -30,8 +32,9 @@ class Ctx:
         self.json = as_json
         self.quiet = quiet
 
-    def open(self, create: bool = False) -> Store:
-        return Store(self.store_path, create=create)
+    def open(self, create: bool = False, for_fsck: bool = False) -> Store:
+        _opened.append(os.path.join(os.path.abspath(self.store_path), "index"))
+        return Store(self.store_path, create=create, for_fsck=for_fsck)
 
     def out(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
@@ -498,25 +501,35 @@ def fsck(
         out = rebuild(c.store_path)
         c.out(out, lambda: click.echo(json.dumps(out, indent=2)))
         sys.exit(0 if not out["problems_after_rebuild"] else 4)
-    try:
-        st = c.open()
-    except LayerstoreError as exc:
-        err = str(exc)
+
+    def cannot_check(err: str) -> NoReturn:
         c.out(
             {"exit_code": EXIT_ERROR, "error": err},
             lambda: click.echo(
-                f"fsck: cannot open the store: {err}\n"
-                "If the index is damaged, `layerstore fsck --rebuild-index` recreates it from "
-                "objects/ and layers/.",
+                f"fsck: cannot check the store: {err}"
+                + (
+                    ""
+                    if "--rebuild-index" in err
+                    else "\nIf the index is damaged, `layerstore fsck --rebuild-index` "
+                    "recreates it from objects/ and layers/."
+                ),
                 err=True,
             ),
         )
         sys.exit(EXIT_ERROR)
+
+    try:
+        st = c.open(for_fsck=True)
+    except LayerstoreError as exc:
+        cannot_check(str(exc))
     with st:
-        with c.progress(None, "objects", "fsck") as upd:
-            r = st.fsck(
-                full=not quick, deep=deep, repair=repair, sources=list(sources), progress=upd
-            )
+        try:
+            with c.progress(None, "objects", "fsck") as upd:
+                r = st.fsck(
+                    full=not quick, deep=deep, repair=repair, sources=list(sources), progress=upd
+                )
+        except lmdb.Error as exc:  # a damaged page deeper in the index than opening reads
+            cannot_check(str(index_error(exc, "fsck", st.index_dir)))
 
     def human() -> None:
         for p in r.problems:
@@ -545,8 +558,8 @@ def main() -> None:
     except LayerstoreError as exc:
         click.echo(f"layerstore: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except lmdb.Error as exc:  # an index write the operation itself did not anticipate
-        err = index_error(exc, "the operation")
+    except lmdb.Error as exc:  # an index failure the operation itself did not anticipate
+        err = index_error(exc, "the operation", _opened[-1] if _opened else "index/")
         click.echo(f"layerstore: error: {err}", err=True)
         sys.exit(err.exit_code)
     except BrokenPipeError:
