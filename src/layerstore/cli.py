@@ -30,6 +30,7 @@ EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)
 
 # The store root of this invocation, for classifying an OS error nobody anticipated (main).
 _store_root: str | None = None
+_opened: list[str] = []  # the store this command opened: names its index in LMDB errors
 
 
 class Ctx:
@@ -40,8 +41,9 @@ class Ctx:
         self.json = as_json
         self.quiet = quiet
 
-    def open(self, create: bool = False) -> Store:
-        return Store(self.store_path, create=create)
+    def open(self, create: bool = False, for_fsck: bool = False) -> Store:
+        _opened.append(os.path.join(os.path.abspath(self.store_path), "index"))
+        return Store(self.store_path, create=create, for_fsck=for_fsck)
 
     def out(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
@@ -523,18 +525,25 @@ def fsck(
     from .fsck import EXIT_ERROR
     from .fsck import rebuild_index as rebuild
 
-    def could_not_check(exc: BaseException) -> NoReturn:
+    def could_not_check(exc: BaseException, index_dir: str = "index/") -> NoReturn:
         # fsck's contract is its own exit codes: whatever stopped it is "could not check" (8),
         # said on stderr even with -q (an unattended run must leave a reason in its log).
-        err = _os_error(exc)[0] if isinstance(exc, OSError) else str(exc)
-        if isinstance(exc, lmdb.Error):
-            err = f"the index cannot be read ({exc})"
+        if isinstance(exc, lmdb.Error):  # a damaged page deeper in the index than opening reads
+            err = str(index_error(exc, "fsck", index_dir))
+        elif isinstance(exc, OSError):
+            err = _os_error(exc)[0]
+        else:
+            err = str(exc)
         if c.json:
             click.echo(json.dumps({"exit_code": EXIT_ERROR, "error": err}, indent=2))
         click.echo(
-            f"fsck: could not check the store: {err}\n"
-            "If the index is damaged or lost, `layerstore fsck --rebuild-index` recreates it "
-            "from objects/ and layers/.",
+            f"fsck: could not check the store: {err}"
+            + (
+                ""
+                if "--rebuild-index" in err
+                else "\nIf the index is damaged or lost, `layerstore fsck --rebuild-index` "
+                "recreates it from objects/ and layers/."
+            ),
             err=True,
         )
         sys.exit(EXIT_ERROR)
@@ -544,12 +553,17 @@ def fsck(
             out = rebuild(c.store_path)
             c.out(out, lambda: click.echo(json.dumps(out, indent=2)))
             sys.exit(0 if not out["problems_after_rebuild"] else 4)
-        with c.open() as st, c.progress(None, "objects", "fsck") as upd:
-            r = st.fsck(
-                full=not quick, deep=deep, repair=repair, sources=list(sources), progress=upd
-            )
+        st = c.open(for_fsck=True)
     except (LayerstoreError, OSError, lmdb.Error) as exc:
         could_not_check(exc)
+    with st:
+        try:
+            with c.progress(None, "objects", "fsck") as upd:
+                r = st.fsck(
+                    full=not quick, deep=deep, repair=repair, sources=list(sources), progress=upd
+                )
+        except (LayerstoreError, OSError, lmdb.Error) as exc:
+            could_not_check(exc, st.index_dir)
 
     def human() -> None:
         for p in r.problems:
@@ -606,8 +620,8 @@ def main() -> None:
     except LayerstoreError as exc:
         click.echo(f"layerstore: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except lmdb.Error as exc:  # an index write the operation itself did not anticipate
-        err = index_error(exc, "the operation")
+    except lmdb.Error as exc:  # an index failure the operation itself did not anticipate
+        err = index_error(exc, "the operation", _opened[-1] if _opened else "index/")
         click.echo(f"layerstore: error: {err}", err=True)
         sys.exit(err.exit_code)
     except BrokenPipeError:

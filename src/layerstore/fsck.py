@@ -262,10 +262,32 @@ class _Checker:
                         else "; restore it with --repair --source"
                     )
 
+    def check_objects_dir(self) -> None:
+        """objects/ itself.  Gone, every object is missing (reported one by one below); repair
+        recreates the directory so the objects can be restored into it from ``--source``."""
+        d = self.st.objects_dir
+        if os.path.isdir(d):
+            return
+        p = self.report.add(
+            "objects-dir-missing",
+            d,
+            f"{d} is missing (or not a directory): every object of the store is gone; "
+            "`layerstore fsck --repair --source STORE_OR_TARBALL` recreates it and restores "
+            "the objects from the source",
+        )
+        if self.repair:
+            if os.path.lexists(d):
+                self._quarantine(d, "junk")
+            for i in range(256):
+                os.makedirs(os.path.join(d, f"{i:02x}"), exist_ok=True)
+            p.repaired = True
+
     def check_files(self) -> None:
         """Files in objects/ with no record (orphans) and files that are not objects at all."""
         rep = self.report
         objs = self.idx.db[b"objects"]
+        if not os.path.isdir(self.st.objects_dir):
+            return  # reported by check_objects_dir
         with os.scandir(self.st.objects_dir) as top:
             fans = sorted(de.name for de in top)
         for fan in fans:
@@ -665,7 +687,11 @@ class _Checker:
         st = self.st
         got: set[bytes] = set()
         if os.path.isfile(os.path.join(src, "layerstore.json")):
-            other = Store(src)
+            try:
+                other = Store(src)  # refused if its own index is lost: then it is no source
+            except LayerstoreError as exc:
+                self.report.add("source-unusable", src, f"source {src} cannot be opened: {exc}")
+                return got
             try:
                 for b3 in sorted(want):
                     path = other.object_path(b3)
@@ -742,6 +768,7 @@ def fsck(
     """Check (and with ``repair`` fix) a store; see the module docstring."""
     t0 = time.monotonic()
     c = _Checker(store, full, deep, repair, list(sources or []), progress, jobs)
+    c.check_objects_dir()
     c.check_leases()
     c.check_objects()
     c.check_files()
@@ -799,11 +826,19 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
     idx_dir = os.path.join(root, "index")
     if not os.path.isdir(os.path.join(root, "objects")):
         raise StoreError(f"{root} has no objects/ directory: nothing to rebuild from")
-    aside = f"{idx_dir}.broken-{time.strftime('%Y%m%dT%H%M%S')}"
-    if os.path.exists(idx_dir):
+    aside: str | None = None
+    if os.path.lexists(idx_dir):
+        aside = f"{idx_dir}.broken-{time.strftime('%Y%m%dT%H%M%S')}"
+        n = 0
+        while os.path.lexists(aside):  # two rebuilds within a second: keep both
+            n += 1
+            aside = f"{idx_dir}.broken-{time.strftime('%Y%m%dT%H%M%S')}.{n}"
         os.rename(idx_dir, aside)
     os.makedirs(idx_dir)
-    st = Store(root)
+    os.makedirs(os.path.join(root, "layers"), exist_ok=True)
+    # The one open that accepts an index which is not (yet) this store's: it is filled from
+    # objects/ and the backups, then stamped as the next generation of this store's index.
+    st = Store(root, _rebuilding=True)
     restored_objects = 0
     quarantined = 0
     layers = 0
@@ -840,6 +875,7 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
                 for c in rec.get("compressed", []):
                     txn.put(bytes.fromhex(c), diff_id, db=st.index.db[b"compressed"])
                 layers += 1
+        st._stamp_identity()
     finally:
         st.close()
     with Store(root) as st:

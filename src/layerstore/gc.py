@@ -21,7 +21,9 @@ Protocol (docs/concurrency.md has the argument for each step):
    step 4 before publishing its own copy; one doomed by a dead gc is simply taken over.
 5. orphans: files in objects/ with no record (left by crashes) are doomed and unlinked the same
    way, so an import that is publishing that very digest can never lose its file.
-6. staging directories and lease files of dead processes are removed.
+6. staging directories and lease files of dead processes are removed.  The only layer backups
+   gc deletes are those of the deferred removals it finishes in step 1: never a backup merely
+   because the index lacks its layer (that is what a lost index looks like).
 7. chunk-index hints that point at objects no longer recorded are dropped (the index is a hint:
    this only keeps it from growing; every use re-checks anyway).
 
@@ -96,14 +98,10 @@ def reap(store: Store, result: GcResult | None = None) -> GcResult:
                 store._drop_layer_refs(txn, diff_id, rec)
                 result.layers_finalized += 1
         result.dead_leases = len(dead)
-    store._remove_layer_backups()
-    # Backups of layers whose removal committed but whose process died before unlinking.
-    for name in os.listdir(store.layers_dir):
-        if name.endswith(".json") and len(name) == 69:
-            try:
-                store._dropped.append(bytes.fromhex(name[:64]))
-            except ValueError:
-                continue
+    # Only the backups of the removals finished just now.  Never "every backup the index does
+    # not know": an index that lost layers (or a lost index) would then cost the backups that
+    # `fsck --rebuild-index` restores them from.  A backup left by a removal whose process
+    # died before unlinking it is fsck's to report (layer-backup-extra; --repair quarantines).
     store._remove_layer_backups()  # re-checks each against the index before unlinking
     result.staging_removed += leases.remove_dead_lease_files(
         store.leases_dir, store.staging_dir, live

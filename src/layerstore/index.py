@@ -8,7 +8,7 @@ files (see docs/concurrency.md).
 
 Named databases (keys are raw 32-byte digests unless noted; the layout is in docs/format.md):
 
-``meta``        format version and store-wide settings
+``meta``        format version, the store identity (uuid, generation), store-wide settings
 ``objects``     blake3 -> size u64, sha256, refcount u64
 ``sha256``      sha256 -> blake3 (OCI digests and TOC digests resolve here)
 ``layers``      DiffID -> JSON layer record
@@ -114,11 +114,35 @@ def check_data_file(path: str) -> None:
             )
 
 
-def index_error(exc: lmdb.Error, what: str) -> StoreError:
-    """An LMDB failure as an error a user can act on.  The usual cause is a full filesystem
-    under the store (LMDB then reports ENOSPC or EIO from its page writes).  Nothing of the
-    failed transaction is visible; after such a failure LMDB refuses further writes in this
-    process, so the store must be reopened."""
+# LMDB's answers for a data file whose pages do not make sense: the file is damaged, and no
+# retry or free space helps.  (MapFullError, DiskError, PanicError... are write failures.)
+_DAMAGE: Final = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.BadValsizeError,
+)
+
+
+def index_damaged(path: str, exc: lmdb.Error) -> StoreError:
+    """A damaged index as an error that says what to do: rebuild it (the objects and the
+    layer backups are what it is rebuilt from, and they are not touched)."""
+    return StoreError(
+        f"the index {path} is damaged and cannot be read ({exc}); objects/ and the layer "
+        "backups in layers/ are not affected: run `layerstore fsck --rebuild-index` to rebuild "
+        "the index from them"
+    )
+
+
+def index_error(exc: lmdb.Error, what: str, path: str = "index/") -> StoreError:
+    """An LMDB failure as an error a user can act on.  A damaged data file says so (see
+    :func:`index_damaged`); otherwise the usual cause is a full filesystem under the store
+    (LMDB then reports ENOSPC or EIO from its page writes).  Nothing of the failed
+    transaction is visible; after such a failure LMDB refuses further writes in this process,
+    so the store must be reopened."""
+    if isinstance(exc, _DAMAGE):
+        return index_damaged(path, exc)
     return StoreError(
         f"{what} failed: the index could not be written ({exc}). Nothing of it was recorded. "
         "If the filesystem holding the store is full, free space (`layerstore gc` removes what "
@@ -199,7 +223,16 @@ class Index:
     An LMDB environment must not cross ``fork()``: a child process opens its own Store.
     """
 
-    def __init__(self, path: str, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE):
+    def __init__(
+        self,
+        path: str,
+        readonly: bool = False,
+        map_size: int = DEFAULT_MAP_SIZE,
+        create_dbs: bool = True,
+    ):
+        """Open the environment at ``path``.  ``create_dbs=False`` opens only the named
+        databases that exist, without writing (:meth:`create_missing_dbs` adds the rest):
+        a store looks at an index's identity before it changes anything in it."""
         self.path = path
         self.pid = os.getpid()
         check_data_file(os.path.join(path, "data.mdb"))
@@ -220,16 +253,39 @@ class Index:
                 readahead=True,  # bulk passes sweep the b-tree in key order
             )
         except lmdb.Error as exc:
+            if isinstance(exc, _DAMAGE):
+                raise index_damaged(path, exc) from None
             raise StoreError(f"cannot open the index at {path}: {exc}") from None
-        # Readers that died (kill -9) leave stale slots; clear them so they neither pin old
-        # pages forever nor exhaust max_readers.
-        if not readonly:
-            self.env.reader_check()
         self.db: dict[bytes, Any] = {}
-        with self.env.begin(write=not readonly) as txn:
-            for name in DB_NAMES:
+        try:
+            # Readers that died (kill -9) leave stale slots; clear them so they neither pin
+            # old pages forever nor exhaust max_readers.
+            if not readonly:
+                self.env.reader_check()
+            # A write transaction, though nothing is created here: handles opened in a read
+            # transaction die with it.  LMDB writes nothing when a transaction changed nothing.
+            with self.env.begin(write=not readonly) as txn:
+                for name in DB_NAMES:
+                    try:
+                        self.db[name] = self.env.open_db(
+                            name, txn=txn, create=False, dupsort=name in _DUPSORT
+                        )
+                    except lmdb.NotFoundError:
+                        continue
+            if create_dbs and not readonly:
+                self.create_missing_dbs()
+        except lmdb.Error as exc:
+            self.env.close()
+            raise index_error(exc, "opening the index", path) from None
+
+    def create_missing_dbs(self) -> None:
+        missing = [n for n in DB_NAMES if n not in self.db]
+        if not missing:
+            return
+        with self.env.begin(write=True) as txn:
+            for name in missing:
                 self.db[name] = self.env.open_db(
-                    name, txn=txn, create=not readonly, dupsort=name in _DUPSORT
+                    name, txn=txn, create=True, dupsort=name in _DUPSORT
                 )
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ transactions that change what layers exist, and nothing else.
 
 Layout of a store root (docs/format.md has the details)::
 
-    layerstore.json     {"format": 1}  -- refused if newer than this build
+    layerstore.json     {"format": 1, "uuid", "index_generation"}: format refused if newer
+                        than this build; the identity the index must carry (_open_index)
     index/              LMDB environment (data.mdb, lock.mdb)
     layers/<diffid>.json  derived copy of each layer record (rebuilds a lost index)
     quarantine/         corrupt files fsck --repair moved aside (never deleted silently)
@@ -22,6 +23,7 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -44,7 +46,7 @@ from .errors import (
     NotFoundError,
     StoreError,
 )
-from .index import Index, ObjectRecord, blob_size_key, layer_unproved
+from .index import DB_NAMES, Index, ObjectRecord, blob_size_key, index_error, layer_unproved
 from .manifest import REG, Entry, read_manifest
 
 FORMAT_VERSION: Final = 1
@@ -113,13 +115,39 @@ class LayerInfo:
         return d
 
 
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def _is_object_name(name: str) -> bool:
+    return len(name) == 64 and _HEX.issuperset(name)
+
+
+def _is_backup_name(name: str) -> bool:
+    return len(name) == 69 and name.endswith(".json") and _HEX.issuperset(name[:64])
+
+
 class Store:
     """A layerstore at ``root``.  Open one per process (LMDB environments do not cross fork).
 
     Use as a context manager, or call :meth:`close`: closing releases this process's lease.
     """
 
-    def __init__(self, root: str, *, create: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        create: bool = False,
+        for_fsck: bool = False,
+        _rebuilding: bool = False,
+    ) -> None:
+        """Open (``create``: create if absent) the store at ``root``.
+
+        The index must be this store's own (see :meth:`_open_index`): a missing, empty,
+        foreign or stale one is refused with a :class:`StoreError` that says to run
+        ``layerstore fsck --rebuild-index`` -- the one caller that passes ``_rebuilding``.
+        ``for_fsck`` opens a store whose ``objects/`` is missing, so fsck can report it as
+        damage instead of being refused.
+        """
         self.root = os.path.abspath(root)
         # Chunk plain-tar imports as they commit, for zstd:chunked chunk reuse
         # (layerstore.chunkindex).  Off by default: it costs ~1 s of CPU per 190 MB (+50% on a
@@ -131,40 +159,68 @@ class Store:
         self.leases_dir = os.path.join(self.root, "leases")
         self.layers_dir = os.path.join(self.root, "layers")
         self.quarantine_dir = os.path.join(self.root, "quarantine")
-        fmt_path = os.path.join(self.root, FORMAT_FILE)
-        if create:
-            self._create_layout(fmt_path)
-        self._check_format(fmt_path)
-        self.index = Index(os.path.join(self.root, "index"))
-        with self.index.write() as txn:
-            if self.index.get_meta(txn, "format") is None:
-                self.index.put_meta(txn, "format", str(FORMAT_VERSION))
+        self.index_dir = os.path.join(self.root, "index")
+        self.fmt_path = os.path.join(self.root, FORMAT_FILE)
+        new = create and not os.path.lexists(self.fmt_path)
+        if new:
+            self._create_layout()
+        elif create:
+            # An existing store: recreate only scratch directories.  objects/, layers/ and
+            # index/ hold the store's data; recreating one empty would hide its loss.
+            # (An empty layers/ loses nothing: fsck --repair rewrites the backups.)
+            for d in (self.staging_dir, self.leases_dir, self.layers_dir):
+                os.makedirs(d, exist_ok=True)
+        if not new:
+            self._fmt = self._check_format()
+        if not os.path.isdir(self.objects_dir) and not (for_fsck or _rebuilding):
+            raise StoreError(
+                f"{self.objects_dir} is missing (or not a directory): the store's content is "
+                "gone. Restore it from a backup, or run `layerstore fsck --repair --source "
+                "STORE_OR_TARBALL` to recreate it and re-fetch what the layers need"
+            )
+        self.index = self._open_index(new=new, rebuilding=_rebuilding)
         self.lease = leases.Lease(self.leases_dir)
         self._stage_seq = itertools.count()
         self._dropped: list[bytes] = []
 
     # -- layout --------------------------------------------------------------------------
-    def _create_layout(self, fmt_path: str) -> None:
+    def _create_layout(self) -> None:
+        """A new store: directories, then the index with a fresh identity, then
+        ``layerstore.json`` last -- a store is a store once that file exists, and by then its
+        index carries the identity the file names."""
+        if self._has_content():
+            # layerstore.json is gone, but objects or backups are not: starting an empty
+            # store over them would let the next gc delete them.
+            raise StoreError(
+                f"{self.root} has no {FORMAT_FILE} but holds objects or layer backups of a "
+                f'store; recreate {self.fmt_path} with {{"format": {FORMAT_VERSION}}} and '
+                "then run `layerstore fsck --rebuild-index`"
+            )
         os.makedirs(self.root, exist_ok=True)
-        for d in (
-            self.objects_dir,
-            self.staging_dir,
-            self.leases_dir,
-            self.layers_dir,
-            self._p("index"),
-        ):
+        for d in (self.objects_dir, self.staging_dir, self.leases_dir, self.layers_dir):
             os.makedirs(d, exist_ok=True)
         for i in range(256):
             os.makedirs(os.path.join(self.objects_dir, f"{i:02x}"), exist_ok=True)
-        if not os.path.exists(fmt_path):
-            tmp = fmt_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"format": FORMAT_VERSION, "created": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, fmt_path)
+        self._fmt = {"format": FORMAT_VERSION, "created": time.time()}
 
-    def _check_format(self, fmt_path: str) -> None:
+    def _write_format(self, fmt: dict[str, Any]) -> None:
+        """Replace ``layerstore.json`` atomically (a unique temporary name: two processes may
+        write the same identity at once)."""
+        tmp = f"{self.fmt_path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(fmt, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.fmt_path)
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._fmt = fmt
+
+    def _check_format(self) -> dict[str, Any]:
+        fmt_path = self.fmt_path
         try:
             with open(fmt_path) as f:
                 fmt = json.load(f)
@@ -181,6 +237,145 @@ class Store:
                 f"{self.root} has on-disk format {version!r}; this layerstore reads format "
                 f"{FORMAT_VERSION}. Use a layerstore release that supports it"
             )
+        assert isinstance(fmt, dict)
+        return fmt
+
+    # -- the store's identity: this index and no other ---------------------------------------
+    def _has_content(self) -> bool:
+        """Does the store hold anything an index would have to know: a layer backup or an
+        object file?  Stops at the first one found (a store of millions of objects costs a
+        few directory reads here, an empty one 257)."""
+        with contextlib.suppress(OSError), os.scandir(self.layers_dir) as it:
+            if any(_is_backup_name(de.name) for de in it):
+                return True
+        for i in range(256):
+            with contextlib.suppress(OSError), os.scandir(self._p("objects", f"{i:02x}")) as it:
+                if any(_is_object_name(de.name) for de in it):
+                    return True
+        return False
+
+    def _lost_index(self, why: str) -> StoreError:
+        return StoreError(
+            f"the index {self.index_dir} {why}; nothing was changed (objects/ and the layer "
+            "backups in layers/ are untouched): run `layerstore fsck --rebuild-index` to "
+            "rebuild the index from them"
+        )
+
+    def _index_agrees(self, idx: Index) -> bool:
+        """Can an index without a recorded identity be this store's?  Every layer backup
+        names a layer it holds, and it records objects if objects/ holds any.  (A lost index
+        replaced by a new one fails this as soon as the store holds anything.)"""
+        layers, objects = idx.db.get(b"layers"), idx.db.get(b"objects")
+        with idx.read() as txn:
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.layers_dir) as it:
+                for de in it:
+                    if _is_backup_name(de.name) and (
+                        layers is None or txn.get(bytes.fromhex(de.name[:64]), db=layers) is None
+                    ):
+                        return False
+            if objects is not None and txn.stat(objects)["entries"]:
+                return True
+        return not self._has_content()
+
+    @staticmethod
+    def _identity(idx: Index, txn: lmdb.Transaction) -> tuple[str | None, str | None, bool]:
+        """(uuid, generation, format recorded?) from the index's ``meta``."""
+        if b"meta" not in idx.db:
+            return None, None, False
+        return (
+            idx.get_meta(txn, "store_uuid"),
+            idx.get_meta(txn, "index_generation"),
+            idx.get_meta(txn, "format") is not None,
+        )
+
+    def _open_index(self, *, new: bool, rebuilding: bool) -> Index:
+        """Open ``index/`` and make sure it is this store's.
+
+        ``layerstore.json`` and the index's ``meta`` both record the store's ``uuid`` and
+        the ``index_generation`` (bumped by every rebuild).  A missing or empty index, one
+        of another store, or an older generation (a stale copy) is refused, before anything
+        is written to it: opening it would show an empty or wrong store, and gc would delete
+        what the true index references.  A store from before identities existed is adopted
+        when its index agrees with the backups and objects (:meth:`_index_agrees`); the
+        index is written first, so a crash in between is adopted again on the next open.
+        """
+        uuid = self._fmt.get("uuid")
+        data = os.path.join(self.index_dir, "data.mdb")
+        try:
+            fresh = os.path.getsize(data) == 0
+        except FileNotFoundError:
+            fresh = True
+        except OSError as exc:
+            raise StoreError(f"cannot read the index {data}: {exc.strerror}") from None
+        if fresh and not (new or rebuilding) and (uuid is not None or self._has_content()):
+            what = "is missing" if not os.path.isdir(self.index_dir) else "is empty"
+            raise self._lost_index(what + " (it was deleted or never written)")
+        idx = Index(self.index_dir, create_dbs=False)
+        try:
+            self._check_identity(idx, new=new, rebuilding=rebuilding)
+        except lmdb.Error as exc:
+            idx.close()
+            raise index_error(exc, "opening the store", self.index_dir) from None
+        except BaseException:
+            idx.close()
+            raise
+        return idx
+
+    def _check_identity(self, idx: Index, *, new: bool, rebuilding: bool) -> None:
+        fmt = self._fmt
+        uuid, gen = fmt.get("uuid"), fmt.get("index_generation")
+        with idx.read() as txn:
+            got_uuid, got_gen, has_format = self._identity(idx, txn)
+        complete = has_format and len(idx.db) == len(DB_NAMES)
+        if rebuilding:
+            pass  # rebuild_index stamps the identity when it is done (_stamp_identity)
+        elif uuid is not None:
+            if got_uuid is None:
+                raise self._lost_index("is empty or new: it records no store identity")
+            if got_uuid != uuid:
+                raise self._lost_index(
+                    f"belongs to another store (its uuid is {got_uuid}, {self.fmt_path} says "
+                    f"{uuid})"
+                )
+            if got_gen != str(gen):
+                raise self._lost_index(
+                    f"is of generation {got_gen}, but {self.fmt_path} says {gen} (an older "
+                    "copy of the index, from before a rebuild?)"
+                )
+            if complete:
+                return
+        elif not (new or self._index_agrees(idx)):
+            raise self._lost_index(
+                "does not know this store's layers or objects (it is empty, or another store's)"
+                if got_uuid is None
+                else f"belongs to another store (uuid {got_uuid})"
+            )
+        idx.create_missing_dbs()
+        with idx.write() as txn:
+            got_uuid, got_gen, has_format = self._identity(idx, txn)
+            if not has_format:
+                idx.put_meta(txn, "format", str(FORMAT_VERSION))
+            if rebuilding or uuid is not None:
+                return
+            if got_uuid is None:  # a new store, or an old one adopted
+                got_uuid, got_gen = secrets.token_hex(16), "1"
+                idx.put_meta(txn, "store_uuid", got_uuid)
+                idx.put_meta(txn, "index_generation", got_gen)
+        # The index knows its identity now; record it (also when a process that wrote the
+        # index died before writing layerstore.json).
+        self._write_format({**fmt, "uuid": got_uuid, "index_generation": int(got_gen or 1)})
+
+    def _stamp_identity(self) -> None:
+        """After a rebuild: the index becomes the next generation of this store's index
+        (index first, then layerstore.json; a crash in between leaves them disagreeing,
+        which is refused until the rebuild is run again)."""
+        fmt = self._fmt
+        uuid = fmt.get("uuid") or secrets.token_hex(16)
+        gen = int(fmt.get("index_generation") or 0) + 1
+        with self.index.write() as txn:
+            self.index.put_meta(txn, "store_uuid", uuid)
+            self.index.put_meta(txn, "index_generation", str(gen))
+        self._write_format({**fmt, "uuid": uuid, "index_generation": gen})
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -500,6 +695,7 @@ class Store:
                     f"{len(paths)} paths (first: {', '.join(paths[:5])}); restore it with "
                     "`layerstore fsck --repair --source STORE_OR_TARBALL`"
                 )
+            self._require_manifest(diff_id, parse_hex(rec["manifest"]))
             leases.pin_layer(self.index, txn, self.lease.id, diff_id)
         try:
             return materialize(
@@ -544,6 +740,7 @@ class Store:
                             f"image {name!r}: layer sha256:{d.hex()} is missing or damaged; "
                             "run `layerstore fsck`"
                         )
+                    self._require_manifest(d, parse_hex(rec["manifest"]))
                     leases.pin_layer(self.index, txn, self.lease.id, d)
                     pinned.append(d)
                     manifests.append(parse_hex(rec["manifest"]))
@@ -575,6 +772,17 @@ class Store:
         finally:
             for d in pinned:
                 self._unpin_layer(d)
+
+    def _require_manifest(self, diff_id: bytes, manifest_b3: bytes) -> None:
+        """Refuse to start a materialization whose manifest object is gone (checked while
+        the layer is being pinned, so gc cannot take it afterwards): an error that says what
+        to run instead of a failure halfway through building the tree."""
+        if not os.path.isfile(self.object_path(manifest_b3)):
+            raise CorruptObjectError(
+                f"layer sha256:{diff_id.hex()}: its manifest object {manifest_b3.hex()} is "
+                f"missing from {self.objects_dir}; run `layerstore fsck --repair --source "
+                "STORE_OR_TARBALL` to restore it"
+            )
 
     def _unpin_layer(self, diff_id: bytes) -> None:
         idx = self.index
