@@ -14,12 +14,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from test_cli import cli
 from test_hostile import dir_, make_tar, reg, sym
 from test_oci import _layout
 
@@ -64,14 +64,7 @@ def _commands(tmp: Path) -> list[tuple[str, list[str], set[int]]]:
 
 
 def _run(store: Path, args: list[str], stdin: bytes) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "LAYERSTORE_STORE": str(store)}
-    return subprocess.run(
-        [sys.executable, "-m", "layerstore", *args],
-        input=stdin,
-        capture_output=True,
-        env=env,
-        timeout=120,
-    )
+    return cli(store, *args, stdin=stdin)
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ from .store import ENV_STORE, Store, default_store_path
 EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)
 
 
-# The store root of this invocation, for classifying an OS error nobody anticipated (main).
+# The store root of this invocation: main() classifies an OS error nobody anticipated by it
+# and names its index in an LMDB error.
 _store_root: str | None = None
-_opened: list[str] = []  # the store this command opened: names its index in LMDB errors
 
 
 class Ctx:
@@ -42,7 +42,6 @@ class Ctx:
         self.quiet = quiet
 
     def open(self, create: bool = False, for_fsck: bool = False) -> Store:
-        _opened.append(os.path.join(os.path.abspath(self.store_path), "index"))
         return Store(self.store_path, create=create, for_fsck=for_fsck)
 
     def out(self, data: Any, human: Callable[[], None]) -> None:
@@ -621,7 +620,8 @@ def main() -> None:
         click.echo(f"layerstore: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except lmdb.Error as exc:  # an index failure the operation itself did not anticipate
-        err = index_error(exc, "the operation", _opened[-1] if _opened else "index/")
+        where = os.path.join(_store_root, "index") if _store_root else "index/"
+        err = index_error(exc, "the operation", where)
         click.echo(f"layerstore: error: {err}", err=True)
         sys.exit(err.exit_code)
     except BrokenPipeError:

@@ -59,6 +59,15 @@ def sha256_of(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def is_hex_name(name: str, length: int = 64) -> bool:
+    """Is ``name`` exactly ``length`` lowercase hex digits -- the name of an object (64), a
+    fan-out directory (2)?  Directory walks use it to tell store files from anything else."""
+    return len(name) == length and _HEX.issuperset(name)
+
+
 def parse_hex(text: str, algo: str = "") -> bytes:
     """Parse ``hex`` or ``algo:hex`` into 32 raw bytes, with an error a user can act on."""
     if ":" in text:

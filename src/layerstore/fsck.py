@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 import blake3 as _blake3
 
 from . import leases
+from .digests import is_hex_name
 from .errors import CorruptObjectError, LayerstoreError, StoreError
 from .index import ObjectRecord
 from .manifest import REG
@@ -55,7 +56,6 @@ EXIT_CLEAN: Final = 0
 EXIT_REPAIRED: Final = 1
 EXIT_DAMAGED: Final = 4
 EXIT_ERROR: Final = 8
-_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass
@@ -292,7 +292,7 @@ class _Checker:
             fans = sorted(de.name for de in top)
         for fan in fans:
             d = os.path.join(self.st.objects_dir, fan)
-            if len(fan) != 2 or not _HEX.issuperset(fan) or not os.path.isdir(d):
+            if not is_hex_name(fan, 2) or not os.path.isdir(d):
                 p = rep.add("junk-file", d, f"{d} does not belong in objects/")
                 if self.repair:
                     self._quarantine(d, "junk")
@@ -303,11 +303,11 @@ class _Checker:
                 unknown = [
                     (n, p)
                     for n, p in entries
-                    if not (len(n) == 64 and _HEX.issuperset(n) and n.startswith(fan))
+                    if not (is_hex_name(n) and n.startswith(fan))
                     or txn.get(bytes.fromhex(n), db=objs) is None
                 ]
             for name, path in unknown:
-                if len(name) == 64 and _HEX.issuperset(name) and name.startswith(fan):
+                if is_hex_name(name) and name.startswith(fan):
                     p = rep.add(
                         "object-orphan",
                         name,

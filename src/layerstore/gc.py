@@ -40,13 +40,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from . import leases
+from .digests import is_hex_name
 from .index import ObjectRecord
 
 if TYPE_CHECKING:
     from .store import Store
 
 BATCH: Final = 2048
-_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass
@@ -145,7 +145,7 @@ def collect(
         with it, idx.read() as txn:
             for de in it:
                 name = de.name
-                if len(name) != 64 or not _HEX.issuperset(name):
+                if not is_hex_name(name):
                     continue  # not an object name: fsck reports it, gc never guesses
                 b3 = bytes.fromhex(name)
                 if txn.get(b3, db=objs) is None:

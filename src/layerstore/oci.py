@@ -222,7 +222,7 @@ def _rollback(store: Store, created: list[str]) -> None:
     committed (docs/concurrency.md, "Image import")."""
     for diff_id in created:
         try:
-            store._release_image_layer(diff_id, created_for_failed_import=True)
+            store._release_image_layer(diff_id)
         except LayerstoreError:
             pass
 

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Final
 import lmdb
 
 from . import leases
-from .digests import DigestSet, parse_hex
+from .digests import DigestSet, is_hex_name, parse_hex
 from .errors import (
     AmbiguousError,
     ConcurrencyError,
@@ -115,15 +115,8 @@ class LayerInfo:
         return d
 
 
-_HEX: Final = frozenset("0123456789abcdef")
-
-
-def _is_object_name(name: str) -> bool:
-    return len(name) == 64 and _HEX.issuperset(name)
-
-
 def _is_backup_name(name: str) -> bool:
-    return len(name) == 69 and name.endswith(".json") and _HEX.issuperset(name[:64])
+    return len(name) == 69 and name.endswith(".json") and is_hex_name(name[:64])
 
 
 class Store:
@@ -250,7 +243,7 @@ class Store:
                 return True
         for i in range(256):
             with contextlib.suppress(OSError), os.scandir(self._p("objects", f"{i:02x}")) as it:
-                if any(_is_object_name(de.name) for de in it):
+                if any(is_hex_name(de.name) for de in it):
                     return True
         return False
 
@@ -481,8 +474,9 @@ class Store:
             outcome = "present" if rec is not None else "new"
             if rec is not None and layer_unproved(rec) and not layer_unproved(info):
                 self._check_unread(txn, diff_id)
-                self._add_layer_refs(txn, manifest_b3, info)
-                self._drop_object_refs(txn, rec)  # after the +1s: shared objects never hit 0
+                self._count_layer_refs(txn, manifest_b3, info, +1)
+                # after the +1s: shared objects never hit 0
+                self._count_layer_refs(txn, parse_hex(rec["manifest"]), rec, -1)
                 for c in rec.get("compressed", []):  # none expected: it never read a blob
                     txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
                 rec = {
@@ -496,7 +490,7 @@ class Store:
                 }
                 outcome = "proved"
             elif rec is None:
-                self._add_layer_refs(txn, manifest_b3, info)
+                self._count_layer_refs(txn, manifest_b3, info, +1)
                 rec = {
                     "manifest": manifest_b3.hex(),
                     "compressed": [],
@@ -524,24 +518,16 @@ class Store:
         self._write_layer_backup(diff_id, rec)
         return outcome
 
-    def _add_layer_refs(
-        self, txn: lmdb.Transaction, manifest_b3: bytes, info: dict[str, Any]
+    def _count_layer_refs(
+        self, txn: lmdb.Transaction, manifest_b3: bytes, rec: dict[str, Any], delta: int
     ) -> None:
-        """+1 per reference a new layer record makes: manifest entries, manifest, tar-split."""
+        """``delta`` (+1 or -1) on every reference a layer record makes: the objects its
+        manifest lists, the manifest itself and its tar-split (``rec["tarsplit"]``)."""
         idx = self.index
-        idx.add_refs_many(txn, self._object_refs(manifest_b3), +1)
-        idx.add_refs(txn, manifest_b3, +1)
-        if info.get("tarsplit"):
-            idx.add_refs(txn, bytes.fromhex(info["tarsplit"]), +1)
-
-    def _drop_object_refs(self, txn: lmdb.Transaction, rec: dict[str, Any]) -> None:
-        """-1 per reference a layer record makes (the inverse of :meth:`_add_layer_refs`)."""
-        idx = self.index
-        mb3 = parse_hex(rec["manifest"])
-        idx.add_refs_many(txn, self._object_refs(mb3), -1)
-        idx.add_refs(txn, mb3, -1)
+        idx.add_refs_many(txn, self._object_refs(manifest_b3), delta)
+        idx.add_refs(txn, manifest_b3, delta)
         if rec.get("tarsplit"):
-            idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), -1)
+            idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), delta)
 
     def _check_unread(self, txn: lmdb.Transaction, diff_id: bytes) -> None:
         """Refuse to swap a layer's manifest while a live process reads the old one: its
@@ -960,7 +946,7 @@ class Store:
         else:
             self.index.put_layer(txn, diff_id, rec)
 
-    def _release_image_layer(self, diff_id_text: str, created_for_failed_import: bool) -> None:
+    def _release_image_layer(self, diff_id_text: str) -> None:
         """Undo a layer a failed image import created (it has no image references yet)."""
         diff_id = bytes.fromhex(diff_id_text[7:])
         with self.index.write() as txn:
@@ -1000,7 +986,7 @@ class Store:
 
     def _drop_layer_refs(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
         idx = self.index
-        self._drop_object_refs(txn, rec)
+        self._count_layer_refs(txn, parse_hex(rec["manifest"]), rec, -1)
         for c in rec.get("compressed", []):
             txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
         txn.delete(diff_id, db=idx.db[b"layers"])
