@@ -1,7 +1,7 @@
 """A test-side builder of zstd:chunked blobs (both variants), with hooks to make them lie.
 
-Independent of ``layerstore.chunked``: it follows ``shared/reference/zstd-chunked.md`` only, so a
-misreading of the format in the reader is not mirrored here.
+Independent of ``layerstore.chunked.toc``: it follows ``shared/reference/zstd-chunked.md`` only, so
+a misreading of the format in the reader is not mirrored here.
 
 Layout written (what containers/storage writes):
 

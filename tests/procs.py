@@ -160,7 +160,7 @@ def cmd_stress(store: str, seed: str, duration: str, tars: str, dest_base: str, 
 def cmd_partial_slow(store: str, blob: str, annotations: str, marker: str, delay: str) -> None:
     """Partially import a zstd:chunked blob, stalling (after the plan and its pins) before the
     first fetched byte, so another process can remove the layer whose chunks it reuses and gc."""
-    from layerstore.chunked import FileSource
+    from layerstore.chunked.toc import FileSource
 
     class Slow(FileSource):
         def read_ranges(self, ranges):  # type: ignore[no-untyped-def]

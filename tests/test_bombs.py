@@ -35,8 +35,9 @@ from chunkedblob import rle_bomb
 from memwatch import LIMIT_KB, Watched, watch
 from test_hostile import Sandbox, assert_store_clean, end_of_members, make_tar, reg, reject
 
-from layerstore import InvalidInputError, Store, blobs
-from layerstore.tarstream import MAX_TRAILING
+from layerstore import InvalidInputError, Store
+from layerstore.tar import compression as blobs
+from layerstore.tar.reader import MAX_TRAILING
 
 PROVEN = 2 * LIMIT_KB << 10  # bytes staged once the child has streamed twice the bound
 

@@ -51,8 +51,8 @@ from chunkedblob import (
 from test_hostile import index_dump, object_files
 
 from layerstore import InvalidInputError, Store, UnsafePathError
-from layerstore.chunked import ChunkedError, FileSource
-from layerstore.partial import import_chunked
+from layerstore.chunked.toc import ChunkedError, FileSource
+from layerstore.ops.partial import import_chunked
 
 TRUST = ["annotations", "footer"]  # TOC located (and trusted) via annotations, or bare blob
 # The big tables: the trust mode does not change what is checked after the TOC is read, so

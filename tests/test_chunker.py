@@ -20,8 +20,8 @@ import pytest
 import zstandard
 from conftest import need_corpus
 
-from layerstore import chunker as ck
-from layerstore.chunker import Chunk, Chunker, chunk_bytes, chunk_file, crc64_iso
+from layerstore.chunked import chunker as ck
+from layerstore.chunked.chunker import Chunk, Chunker, chunk_bytes, chunk_file, crc64_iso
 
 # ---------------------------------------------------------------------------------------------
 # A literal model of containers/storage's chunking, one byte at a time.

@@ -31,9 +31,9 @@ from conftest import gnu_tar, gnu_untar
 from treecmp import diff_trees
 
 from layerstore import CorruptObjectError, Store
-from layerstore.fsck import FsckReport, Problem, rebuild_index
-from layerstore.index import ObjectRecord
-from layerstore.manifest import REG
+from layerstore.core.index import ObjectRecord
+from layerstore.core.manifest import REG
+from layerstore.ops.fsck import FsckReport, Problem, rebuild_index
 
 PROCS = os.path.join(os.path.dirname(__file__), "procs.py")
 

@@ -1,7 +1,7 @@
 """Hostile and malformed tar input.
 
 Bad input to ``Store.import_tar`` / ``Store.import_path`` must raise ``InvalidInputError`` (or
-its subclass ``UnsafePathError``), or -- where the rules in ``layerstore.paths`` say so -- be
+its subclass ``UnsafePathError``), or -- where the rules in ``layerstore.core.paths`` say so -- be
 normalized safely (a leading ``/`` is dropped like GNU tar does).  Either way nothing may be
 written outside the store, and a refused import must leave the store logically unchanged: no
 layer, no object record, no pin, no file under ``objects/??/`` and nothing left in staging.
@@ -33,8 +33,8 @@ import pytest
 import zstandard
 
 from layerstore import InvalidInputError, Store, UnsafePathError
-from layerstore.index import DB_NAMES
-from layerstore.manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG
+from layerstore.core.index import DB_NAMES
+from layerstore.core.manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG
 
 BLOCK_SIZE = 512
 

@@ -25,8 +25,8 @@ import pytest
 from conftest import need_corpus
 
 from layerstore import Store
-from layerstore.chunked import ChunkedError, FileSource
-from layerstore.httpsource import HttpSource
+from layerstore.chunked.toc import ChunkedError, FileSource
+from layerstore.sources.http import HttpSource
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
@@ -350,7 +350,7 @@ class _JunkEpilogue(_Scripted):
 
 _CHILD = """
 import hashlib, json, sys
-from layerstore.httpsource import HttpSource
+from layerstore.sources.http import HttpSource
 url, ranges = sys.argv[1], json.loads(sys.argv[2])
 with HttpSource(url) as src:
     size = src.size()

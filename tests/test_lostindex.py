@@ -346,7 +346,7 @@ def corrupt_pages(data: Path, keep_main: bool) -> None:
     """Zero the page flags of the index's B-tree pages (LMDB then reports MDB_CORRUPTED:
     "page was wrong type"), sparing the meta pages and, with ``keep_main``, the main
     database's root, so that opening succeeds and reading a named database fails."""
-    from layerstore.index import _META
+    from layerstore.core.index import _META
 
     raw = bytearray(data.read_bytes())
     psize = 4096

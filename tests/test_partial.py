@@ -26,9 +26,9 @@ import zstandard
 from conftest import LoopFS, need_corpus
 
 from layerstore import Store
-from layerstore.chunked import FileSource, locate, read_range
-from layerstore.chunker import crc64_iso
-from layerstore.fsutil import shared_bytes
+from layerstore.chunked.chunker import crc64_iso
+from layerstore.chunked.toc import FileSource, locate, read_range
+from layerstore.core.fsutil import shared_bytes
 
 HERE = Path(__file__).parent
 

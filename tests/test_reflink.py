@@ -15,7 +15,7 @@ from conftest import LoopFS, gnu_tar, gnu_untar
 from treecmp import diff_trees
 
 from layerstore import Store
-from layerstore.fsutil import shared_bytes
+from layerstore.core.fsutil import shared_bytes
 
 
 def _tree(root: Path, n: int = 40, size: int = 256 * 1024) -> Path:
@@ -95,7 +95,7 @@ def test_c_fast_path_and_python_path_agree(
     path build the same tree as tar -x, with the same clone methods, on a reflink fs."""
     from test_roundtrip import build_tree
 
-    from layerstore import materialize
+    from layerstore.ops import materialize
 
     if fast == "1" and materialize._fastpath is None:
         if os.environ.get("CI"):

@@ -14,7 +14,7 @@ from conftest import IS_ROOT, gnu_tar, gnu_untar
 from treecmp import diff_trees
 
 from layerstore import Store
-from layerstore.manifest import DIR, HARDLINK, REG, SYMLINK
+from layerstore.core.manifest import DIR, HARDLINK, REG, SYMLINK
 
 # A valid VFS_CAP_REVISION_2 security.capability value (cap_net_bind_service, effective).
 CAP_NET_BIND = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
@@ -379,7 +379,7 @@ def test_entries_waiting_for_digests_stay_bounded(
     """Entries behind a file whose digest the writers have not returned wait in a queue; it
     stays bounded (whatever follows: directories, links, small files) and the manifest keeps
     tar order -- the same manifest as with an unbounded queue."""
-    from layerstore import ingest
+    from layerstore.ops import ingest
 
     src = tmp_path / "src"
     src.mkdir()

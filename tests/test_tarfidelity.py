@@ -30,7 +30,7 @@ from test_hostile import dir_, hard, make_tar, reg, reject, sym
 from treecmp import diff_trees
 
 from layerstore import DestinationError, Store
-from layerstore.manifest import DIR
+from layerstore.core.manifest import DIR
 
 BLOCK = 512
 END = bytes(2 * BLOCK)

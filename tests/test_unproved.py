@@ -19,7 +19,7 @@ from test_lifecycle import spawn, wait_event
 from test_oci import _layout
 
 from layerstore import Store
-from layerstore.index import blob_size_key
+from layerstore.core.index import blob_size_key
 
 GENUINE = {"etc/motd": b"genuine motd\n" * 20, "bin/tool": b"\x7fELF genuine tool" * 50}
 EVIL = {"etc/motd": b"attacker motd\n" * 20, "bin/tool": b"\x7fELF attacker tool" * 50}

@@ -4,7 +4,7 @@ A whiteout ``.wh.NAME`` hides ``NAME`` of the lower layers.  Before the fix a la
 ``.wh...`` (the whiteout of ``..``) made a flattening materialize delete the *parent of the
 destination*; ``.wh..`` emptied the staging tree, and a whiteout under a lower layer's symlink
 crashed with ELOOP.  Two guards now: the import refuses such names like ``..``
-(:func:`layerstore.paths.normalize`), and materialization checks every whiteout again with the
+(:func:`layerstore.core.paths.normalize`), and materialization checks every whiteout again with the
 same openat2 confinement as creation -- for manifests an older version accepted, which the
 tests below recreate by switching the import's check off.
 """
@@ -21,7 +21,8 @@ import pytest
 from test_hostile import dir_, make_tar, reg, reject, sandbox, sym  # noqa: F401 (fixture)
 from test_oci import _layout
 
-from layerstore import Store, UnsafePathError, paths
+from layerstore import Store, UnsafePathError
+from layerstore.core import paths
 
 BAD_NAMES = [".wh...", ".wh..", ".wh.", "etc/.wh...", "etc/.wh..", "a/.wh../b"]
 

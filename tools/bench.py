@@ -57,14 +57,14 @@ import corpus  # noqa: E402  (tests/corpus.py: cached real data, stdlib only)
 
 import layerstore  # noqa: E402
 from layerstore import Store  # noqa: E402
-from layerstore import leases as ls_leases  # noqa: E402
-from layerstore.materialize import materialize as raw_materialize  # noqa: E402
+from layerstore.core import protocol as ls_leases  # noqa: E402
+from layerstore.ops.materialize import materialize as raw_materialize  # noqa: E402
 
 # GNU tar the way a container engine extracts a layer (as root it also keeps owners and modes).
 TAR_X = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
 # How tests/corpus.py makes its tarballs; used for the dedup variant layer.
 TAR_C = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name"]
-INLINE_MAX = 64  # layerstore.ingest.INLINE_MAX: smaller files live in the manifest
+INLINE_MAX = 64  # layerstore.ops.ingest.INLINE_MAX: smaller files live in the manifest
 GIB = 1 << 30
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
@@ -567,8 +567,8 @@ def _floor_case(archive: Path, work: Path) -> Case:
 
     import blake3 as _b3
 
-    from layerstore import fsutil
-    from layerstore.tarstream import TarReader
+    from layerstore.core import fsutil
+    from layerstore.tar.reader import TarReader
 
     try:
         from layerstore import _fastpath  # type: ignore[attr-defined]
@@ -1391,7 +1391,7 @@ def _pin_cost(
                 lambda: rm_rf(dest),
             ),
             Case(
-                "layerstore.materialize.materialize() (no pin)",
+                "layerstore.ops.materialize.materialize() (no pin)",
                 direct,
                 lambda: rm_rf(dest),
                 lambda: rm_rf(dest),
@@ -1500,7 +1500,7 @@ def bench_fsck(ws: Workspace, args: argparse.Namespace, caches: Caches) -> list[
 
 
 def _bench_fsck(root: Path, args: argparse.Namespace, caches: Caches) -> Section:
-    from layerstore.fsck import fsck as run_fsck
+    from layerstore.ops.fsck import fsck as run_fsck
 
     mixed = root / "mixed"
     nfiles = _mixed_tree(mixed, args.fsck_bytes, args.seed)

@@ -36,7 +36,7 @@ import bench  # noqa: E402
 import corpus  # noqa: E402
 
 from layerstore import Store  # noqa: E402
-from layerstore.chunked import FileSource  # noqa: E402
+from layerstore.chunked.toc import FileSource  # noqa: E402
 
 BEGIN = "<!-- bench-chunked:begin -->"
 END = "<!-- bench-chunked:end -->"
@@ -114,7 +114,7 @@ def ours_http(root: Path, repeat: int) -> dict[str, Any]:
     pushed by skopeo, as for podman), v1 imported from its layout first."""
     import podman_partial
 
-    from layerstore.httpsource import HttpSource
+    from layerstore.sources.http import HttpSource
 
     l1 = corpus.buildah_chunked_layout(1)
     l2 = corpus.buildah_chunked_layout(2)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import corpus  # noqa: E402  (tests/corpus.py: cached real data)
 
-from layerstore.chunker import Chunker, chunk_file, crc64_iso  # noqa: E402
+from layerstore.chunked.chunker import Chunker, chunk_file, crc64_iso  # noqa: E402
 
 
 def real_files(limit: int) -> list[bytes]:

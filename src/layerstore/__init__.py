@@ -11,6 +11,7 @@ Plumbing (manifests, index, file-system primitives) is importable from the submo
 that need it, but only the names below are the stable API.
 """
 
+from .core.manifest import Entry
 from .errors import (
     AmbiguousError,
     ConcurrencyError,
@@ -25,10 +26,9 @@ from .errors import (
     StoreError,
     UnsafePathError,
 )
-from .ingest import ImportResult
-from .manifest import Entry
-from .materialize import MaterializeResult
-from .oci import ImageResult
+from .ops.ingest import ImportResult
+from .ops.materialize import MaterializeResult
+from .ops.oci import ImageResult
 from .store import LayerInfo, Store, default_store_path
 
 __version__ = "0.1.0"

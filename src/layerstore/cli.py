@@ -20,9 +20,9 @@ import click
 import lmdb
 from tqdm import tqdm
 
-from .chunked import open_source
+from .chunked.toc import open_source
+from .core.index import UNPROVED, index_error
 from .errors import LayerstoreError
-from .index import UNPROVED, index_error
 from .store import ENV_STORE, Store, default_store_path
 
 EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)
@@ -521,8 +521,8 @@ def fsck(
     c: Ctx, quick: bool, deep: bool, repair: bool, sources: tuple[str, ...], rebuild_index: bool
 ) -> None:
     """Check the store; exit 0 clean, 1 repaired, 4 damage left, 8 could not check."""
-    from .fsck import EXIT_ERROR
-    from .fsck import rebuild_index as rebuild
+    from .ops.fsck import EXIT_ERROR
+    from .ops.fsck import rebuild_index as rebuild
 
     def could_not_check(exc: BaseException, index_dir: str = "index/") -> NoReturn:
         # fsck's contract is its own exit codes: whatever stopped it is "could not check" (8),

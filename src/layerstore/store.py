@@ -33,8 +33,10 @@ from typing import Any, BinaryIO, Final
 
 import lmdb
 
-from . import leases
-from .digests import DigestSet, is_hex_name, parse_hex
+from .core import protocol
+from .core.digests import DigestSet, is_hex_name, parse_hex
+from .core.index import DB_NAMES, Index, ObjectRecord, blob_size_key, index_error, layer_unproved
+from .core.manifest import REG, Entry, read_manifest
 from .errors import (
     AmbiguousError,
     ConcurrencyError,
@@ -46,8 +48,6 @@ from .errors import (
     NotFoundError,
     StoreError,
 )
-from .index import DB_NAMES, Index, ObjectRecord, blob_size_key, index_error, layer_unproved
-from .manifest import REG, Entry, read_manifest
 
 FORMAT_VERSION: Final = 1
 FORMAT_FILE: Final = "layerstore.json"
@@ -172,7 +172,7 @@ class Store:
                 "STORE_OR_TARBALL` to recreate it and re-fetch what the layers need"
             )
         self.index = self._open_index(new=new, rebuilding=_rebuilding)
-        self.lease = leases.Lease(self.leases_dir)
+        self.lease = protocol.Lease(self.leases_dir)
         self._stage_seq = itertools.count()
         self._dropped: list[bytes] = []
 
@@ -412,7 +412,7 @@ class Store:
         image_owned: bool = False,
     ) -> Any:
         """Import a layer from a tar stream (plain, gzip or zstd, detected by magic bytes)."""
-        from .ingest import import_tar
+        from .ops.ingest import import_tar
 
         return import_tar(self, stream, progress, source, image_owned=image_owned)
 
@@ -427,7 +427,7 @@ class Store:
 
         A tar file whose sha256 is already a stored layer's compressed digest is recognised
         without being parsed (``shortcut=False`` forces the full import)."""
-        from .ingest import import_directory, import_tar
+        from .ops.ingest import import_directory, import_tar
 
         if path == "-":
             return import_tar(self, sys.stdin.buffer, progress, source="stdin")
@@ -513,7 +513,7 @@ class Store:
                 if blob_size is not None:
                     txn.put(blob_size_key(blob_size, comp), b"", db=idx.db[b"blob_sizes"])
             idx.put_layer(txn, diff_id, rec)
-            leases.unpin_objects(idx, txn, self.lease.id, pinned)
+            protocol.unpin_objects(idx, txn, self.lease.id, pinned)
         pinned.clear()
         self._write_layer_backup(diff_id, rec)
         return outcome
@@ -532,8 +532,8 @@ class Store:
     def _check_unread(self, txn: lmdb.Transaction, diff_id: bytes) -> None:
         """Refuse to swap a layer's manifest while a live process reads the old one: its
         objects must keep their references until that reader is done (invariant 5)."""
-        live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
-        if any(live.alive(p) for p in leases.layer_pinners(self.index, txn, diff_id)):
+        live = protocol.LivenessChecker(self.leases_dir, own=self.lease.id)
+        if any(live.alive(p) for p in protocol.layer_pinners(self.index, txn, diff_id)):
             raise ConcurrencyError(
                 f"layer sha256:{diff_id.hex()} (unproved DiffID) is being read by another "
                 "process; nothing was imported. Retry this import once that has finished"
@@ -570,7 +570,7 @@ class Store:
         if not pinned:
             return
         with self.index.write() as txn:
-            leases.unpin_objects(self.index, txn, self.lease.id, pinned)
+            protocol.unpin_objects(self.index, txn, self.lease.id, pinned)
 
     # -- queries ---------------------------------------------------------------------------
     def _manifest_entries(self, manifest_b3: bytes) -> Iterator[Entry]:
@@ -667,7 +667,7 @@ class Store:
         sync: bool = True,
     ) -> Any:
         """Build the layer as a directory tree at ``dest`` (which must not exist)."""
-        from .materialize import materialize
+        from .ops.materialize import materialize
 
         diff_id = self.resolve(ref)
         with self.index.write() as txn:
@@ -682,7 +682,7 @@ class Store:
                     "`layerstore fsck --repair --source STORE_OR_TARBALL`"
                 )
             self._require_manifest(diff_id, parse_hex(rec["manifest"]))
-            leases.pin_layer(self.index, txn, self.lease.id, diff_id)
+            protocol.pin_layer(self.index, txn, self.lease.id, diff_id)
         try:
             return materialize(
                 self,
@@ -711,7 +711,7 @@ class Store:
         """Build image ``name`` as one flattened root filesystem at ``dest`` (whiteouts and
         opaque directories resolved) -- or, with ``diff_dirs``, one overlayfs-ready lower
         directory per layer under ``dest/`` (``0``, ``1``, ... bottom first)."""
-        from .materialize import materialize, materialize_flat
+        from .ops.materialize import materialize, materialize_flat
 
         im = self.image(name)
         diff_ids = [bytes.fromhex(h) for h in im["layers"]]
@@ -727,7 +727,7 @@ class Store:
                             "run `layerstore fsck`"
                         )
                     self._require_manifest(d, parse_hex(rec["manifest"]))
-                    leases.pin_layer(self.index, txn, self.lease.id, d)
+                    protocol.pin_layer(self.index, txn, self.lease.id, d)
                     pinned.append(d)
                     manifests.append(parse_hex(rec["manifest"]))
             if not diff_dirs:
@@ -773,11 +773,11 @@ class Store:
     def _unpin_layer(self, diff_id: bytes) -> None:
         idx = self.index
         with idx.write() as txn:
-            leases.unpin_layer(idx, txn, self.lease.id, diff_id)
+            protocol.unpin_layer(idx, txn, self.lease.id, diff_id)
             rec = idx.get_layer(txn, diff_id)
             if rec is not None and rec.get("state") == "deleted":
-                live = leases.LivenessChecker(self.leases_dir)
-                if not any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
+                live = protocol.LivenessChecker(self.leases_dir)
+                if not any(live.alive(p) for p in protocol.layer_pinners(idx, txn, diff_id)):
                     self._drop_layer_refs(txn, diff_id, rec)
         self._remove_layer_backups()
 
@@ -813,8 +813,8 @@ class Store:
 
     def _drop_or_defer(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> bool:
         """Remove a layer now, or hide it until its live readers unpin it.  True if deferred."""
-        live = leases.LivenessChecker(self.leases_dir, own=self.lease.id)
-        if any(live.alive(p) for p in leases.layer_pinners(self.index, txn, diff_id)):
+        live = protocol.LivenessChecker(self.leases_dir, own=self.lease.id)
+        if any(live.alive(p) for p in protocol.layer_pinners(self.index, txn, diff_id)):
             rec["state"] = "deleted"
             self.index.put_layer(txn, diff_id, rec)
             for c in rec.get("compressed", []):
@@ -873,7 +873,7 @@ class Store:
         """Import an image from an OCI image layout or a ``docker save`` archive (see
         ``layerstore.oci``); ``on_layer`` reports each layer as it is done; ``partial``: read
         zstd:chunked layers partially."""
-        from .oci import import_docker_archive, import_layout
+        from .ops.oci import import_docker_archive, import_layout
 
         if os.path.isfile(layout):  # a `docker save` archive
             return import_docker_archive(self, layout, name=name)
@@ -890,7 +890,7 @@ class Store:
 
     def export_oci(self, name: str, path: str, compression: str = "gzip") -> Any:
         """Write image ``name`` as an OCI image layout (see ``layerstore.oci``)."""
-        from .oci import export_layout
+        from .ops.oci import export_layout
 
         return export_layout(self, name, path, compression)
 
@@ -907,7 +907,7 @@ class Store:
         """One transaction: the image record, +1 image reference per layer it lists."""
         import base64
 
-        from .oci import check_image_name
+        from .ops.oci import check_image_name
 
         check_image_name(name)
         idx = self.index
@@ -991,8 +991,8 @@ class Store:
             txn.delete(bytes.fromhex(c), db=idx.db[b"compressed"])
         txn.delete(diff_id, db=idx.db[b"layers"])
         self._dropped.append(diff_id)  # its backup file goes once this transaction commits
-        for p in leases.layer_pinners(idx, txn, diff_id):
-            leases.unpin_layer(idx, txn, p, diff_id)
+        for p in protocol.layer_pinners(idx, txn, diff_id):
+            protocol.unpin_layer(idx, txn, p, diff_id)
 
     # -- export ----------------------------------------------------------------------------
     def import_chunked(
@@ -1017,8 +1017,8 @@ class Store:
         DiffID (see ``layerstore.partial.import_chunked``).  ``source_name`` is recorded for a
         RangeSource (a path or URL names itself).
         """
-        from .chunked import open_source
-        from .partial import import_chunked
+        from .chunked.toc import open_source
+        from .ops.partial import import_chunked
 
         opened = (
             open_source(source)
@@ -1041,7 +1041,7 @@ class Store:
         """Cut the objects of these layers (default: all live layers) with the
         containers/storage chunker and index their chunks, so partial imports can reuse chunks
         of files that changed.  Objects done before are skipped (a marker per object)."""
-        from .chunkindex import index_layer
+        from .ops.chunkindex import index_layer
 
         total = {"layers": 0, "objects_chunked": 0, "bytes_chunked": 0, "chunks_indexed": 0}
         infos = [self.layer(r) for r in refs] if refs else self.layers()
@@ -1054,7 +1054,7 @@ class Store:
     def export_chunked(self, ref: str, out: BinaryIO) -> Any:
         """Write a layer as a zstd:chunked blob (current upstream variant); returns the
         descriptor facts (digest, size, annotations).  See ``layerstore.chunked_writer``."""
-        from .chunked_writer import write_chunked
+        from .chunked.writer import write_chunked
 
         return write_chunked(self, ref, out)
 
@@ -1065,14 +1065,14 @@ class Store:
 
         The layer is pinned while it is read, like a materialization.
         """
-        from .export import export_tar
+        from .ops.export import export_tar
 
         diff_id = self.resolve(ref)
         with self.index.write() as txn:
             rec = self.index.get_layer(txn, diff_id)
             if rec is None or rec.get("state") != "live":
                 raise NotFoundError(f"layer {ref} was removed")
-            leases.pin_layer(self.index, txn, self.lease.id, diff_id)
+            protocol.pin_layer(self.index, txn, self.lease.id, diff_id)
         try:
             return export_tar(self, diff_id, rec, out, progress)
         finally:
@@ -1081,7 +1081,7 @@ class Store:
     # -- maintenance -----------------------------------------------------------------------
     def gc(self, dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Any:
         """Unlink unreferenced, unpinned objects and crash leftovers (see ``layerstore.gc``)."""
-        from .gc import collect
+        from .ops.gc import collect
 
         return collect(self, dry_run=dry_run, progress=progress)
 
@@ -1095,7 +1095,7 @@ class Store:
         progress: Callable[[int], None] | None = None,
     ) -> Any:
         """Check the store (see ``layerstore.fsck``); ``repair`` fixes what it can."""
-        from .fsck import fsck
+        from .ops.fsck import fsck
 
         return fsck(self, full=full, deep=deep, repair=repair, sources=sources, progress=progress)
 

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import InvalidInputError, LayerstoreError, NotFoundError
+from ..errors import InvalidInputError, LayerstoreError, NotFoundError
 from .ingest import Expected, import_tar
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 MAX_JSON: Final = 4 << 20
 INDEX_TYPES: Final = {

@@ -15,7 +15,7 @@ from typing import Final
 
 import blake3 as _blake3
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 DIGEST_SIZE: Final = 32
 # Hashing below this size is not worth a thread hop; above it blake3 can use its own threads.

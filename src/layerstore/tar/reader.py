@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any, Final
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 BLOCK: Final = 512
 # Caps that separate "large" from "hostile" for metadata held in memory.

@@ -29,7 +29,7 @@ from typing import BinaryIO, Final
 
 import zstandard
 
-from .errors import CorruptObjectError
+from ..errors import CorruptObjectError
 
 MAGIC: Final = b"LSMF"
 VERSION: Final = 1

@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import blake3 as _blake3
 
-from . import leases
-from .digests import is_hex_name
-from .errors import CorruptObjectError, LayerstoreError, StoreError
-from .index import ObjectRecord
-from .manifest import REG
+from ..core import protocol
+from ..core.digests import is_hex_name
+from ..core.index import ObjectRecord
+from ..core.manifest import REG
+from ..errors import CorruptObjectError, LayerstoreError, StoreError
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 EXIT_CLEAN: Final = 0
 EXIT_REPAIRED: Final = 1
@@ -626,9 +626,9 @@ class _Checker:
     def check_leases(self) -> None:
         rep = self.report
         st = self.st
-        live = leases.LivenessChecker(st.leases_dir, own=st.lease.id)
+        live = protocol.LivenessChecker(st.leases_dir, own=st.lease.id)
         with self.idx.read() as txn:
-            dead = leases.dead_leases(self.idx, txn, live)
+            dead = protocol.dead_leases(self.idx, txn, live)
         for lease in sorted(dead):
             rep.add(
                 "dead-pins",
@@ -682,7 +682,7 @@ class _Checker:
                 p.repaired = True
 
     def _restore_from(self, src: str, want: set[bytes]) -> set[bytes]:
-        from .store import Store
+        from ..store import Store
 
         st = self.st
         got: set[bytes] = set()
@@ -821,7 +821,7 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
     (it is the only way to trust it again); layers come back from ``layers/*.json``; reference
     counts are recomputed from their manifests.
     """
-    from .store import Store
+    from ..store import Store
 
     idx_dir = os.path.join(root, "index")
     if not os.path.isdir(os.path.join(root, "objects")):

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import zstandard
 
-from .chunked import FOOTER_MAGIC_NEW, PREFIX_NEW, SKIPPABLE_MAGIC, TAR_TYPES
+from ..errors import InvalidInputError
+from ..tar.reader import TarMember, TarReader
 from .chunker import Chunker, crc64_iso, tarsplit_crc_payload
-from .errors import InvalidInputError
-from .tarstream import TarMember, TarReader
+from .toc import FOOTER_MAGIC_NEW, PREFIX_NEW, SKIPPABLE_MAGIC, TAR_TYPES
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 _SPOOL: Final = 64 << 20
 _PIECE: Final = 1 << 20

@@ -20,7 +20,7 @@ from __future__ import annotations
 from array import array
 from typing import Final
 
-from .errors import UnsafePathError
+from ..errors import UnsafePathError
 
 PATH_MAX: Final = 4096
 NAME_MAX: Final = 255

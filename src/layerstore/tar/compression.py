@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 if sys.version_info >= (3, 14):
     from compression.zstd import ZstdDecompressor, ZstdError

@@ -29,8 +29,8 @@ from typing import Any, Final, Protocol
 
 import zstandard
 
-from .errors import InvalidInputError
-from .paths import normalize
+from ..core.paths import normalize
+from ..errors import InvalidInputError
 
 SKIPPABLE_MAGIC: Final = b"\x50\x2a\x4d\x18"
 FOOTER_MAGIC_OLD: Final = b"GnUlInUx"  # sic: the historic variant's spelling
@@ -124,7 +124,7 @@ def open_source(source: str | os.PathLike[str]) -> Iterator[tuple[RangeSource, s
     """A blob path or an http(s) blob URL as an open :class:`RangeSource`, with the name an
     import records as its source."""
     if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from .httpsource import HttpSource  # imports this module: not at the top
+        from ..sources.http import HttpSource  # imports this module: not at the top
 
         with HttpSource(source) as hs:
             yield hs, source

@@ -37,13 +37,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptObjectError, DestinationError, InvalidInputError, UnsafePathError
-from .fsutil import Cloner, CopyMethod, open_beneath, rename_noreplace, syncfs
-from .manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, read_manifest
-from .paths import WHITEOUT_PREFIX, parent, whiteout_target
+from ..core.fsutil import Cloner, CopyMethod, open_beneath, rename_noreplace, syncfs
+from ..core.manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, read_manifest
+from ..core.paths import WHITEOUT_PREFIX, parent, whiteout_target
+from ..errors import CorruptObjectError, DestinationError, InvalidInputError, UnsafePathError
 
 try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
-    from . import _fastpath  # type: ignore[attr-defined]
+    from .. import _fastpath  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the build
     _fastpath = None
 # LAYERSTORE_FASTPATH=0 forces the pure-Python path (the tests compare both).
@@ -56,7 +56,7 @@ _METHODS = {
 _STAGES = {1: "create", 2: "open object", 3: "copy data", 4: "chown", 5: "chmod", 6: "times"}
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 MODES = ("reflink", "copy", "hardlink")
 _DIR_CACHE = 16

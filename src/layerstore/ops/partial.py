@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import zstandard
 
-from . import chunkindex, leases
-from .chunked import (
+from ..chunked.toc import (
     TAR_TYPES,
     TYPEFLAG,
     ChunkedError,
@@ -55,16 +54,18 @@ from .chunked import (
     parse_tarsplit,
     parse_toc,
 )
-from .digests import DigestSet
-from .errors import CorruptObjectError, InvalidInputError
-from .fsutil import clone_range
-from .index import UNPROVED, layer_unproved
+from ..core import protocol
+from ..core.digests import DigestSet
+from ..core.fsutil import clone_range
+from ..core.index import UNPROVED, layer_unproved
+from ..core.paths import normalize
+from ..errors import CorruptObjectError, InvalidInputError
+from ..tar.reader import TarMember
+from . import chunkindex
 from .ingest import INLINE_MAX, ImportHooks, ImportResult, _Importer, run_import
-from .paths import normalize
-from .tarstream import TarMember
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 _PIECE: Final = 1 << 20
 # A header gap may expand at most this much (zstd bombs between payload frames).
@@ -268,7 +269,7 @@ class _Partial(ImportHooks):
                         plan.staged = os.path.join(self.imp.obj_stage, f"assemble-{n}.tmp")
                 self.plans[e.name] = plan
                 self.order.append(plan)
-            leases.pin_objects(idx, txn, lease, self.pins)
+            protocol.pin_objects(idx, txn, lease, self.pins)
         st = self.stats
         for p in self.order:
             if p.kind in ("object", "inline"):

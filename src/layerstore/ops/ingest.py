@@ -39,13 +39,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import lmdb
 
-from . import leases
-from .blobs import BlobReader, detect_compression
-from .digests import DigestSet, DualHasher, blake3_of, sha256_of
-from .errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
-from .fsutil import syncfs
-from .index import ObjectRecord, index_error, layer_unproved
-from .manifest import (
+from ..core import protocol
+from ..core.digests import DigestSet, DualHasher, blake3_of, sha256_of
+from ..core.fsutil import syncfs
+from ..core.index import ObjectRecord, index_error, layer_unproved
+from ..core.manifest import (
     BLOCK,
     CHAR,
     DIR,
@@ -56,15 +54,17 @@ from .manifest import (
     Entry,
     ManifestWriter,
 )
-from .paths import PATH_MAX, PathSet, ancestors, normalize
-from .tarsplit import TarSplitWriter
-from .tarstream import TarMember, TarReader
+from ..core.paths import PATH_MAX, PathSet, ancestors, normalize
+from ..core.tarsplit import TarSplitWriter
+from ..errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
+from ..tar.compression import BlobReader, detect_compression
+from ..tar.reader import TarMember, TarReader
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
-    from . import _fastpath  # type: ignore[attr-defined]
+    from .. import _fastpath  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - no compiler where it was installed
     _fastpath = None
 # An extension built from an older source (a stale in-place build) may lack it.
@@ -488,7 +488,7 @@ class _Importer:
                     continue
                 # A record being unlinked by gc (doomed) is as good as gone: write our own.
                 if txn.get(b3, db=objs) is not None and txn.get(b3, db=doomed) is None:
-                    leases.pin_objects(self.idx, txn, self.lease, [b3])
+                    protocol.pin_objects(self.idx, txn, self.lease, [b3])
                     self.pinned.add(b3)
                 else:
                     lost[b3] = (sha, size, data)
@@ -558,7 +558,7 @@ class _Importer:
         idx = self.idx
         objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
         for _attempt in range(600):
-            live = leases.LivenessChecker(self.store.leases_dir, own=self.lease)
+            live = protocol.LivenessChecker(self.store.leases_dir, own=self.lease)
             busy = False
             with idx.write() as txn:
                 # Check every digest before renaming anything: an aborted attempt must leave
@@ -580,7 +580,7 @@ class _Importer:
                     for _src, b3, sha, size in new:
                         idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
                         txn.put(sha, b3, db=shadb)
-                    leases.pin_objects(idx, txn, self.lease, [b3 for _, b3, _, _ in batch])
+                    protocol.pin_objects(idx, txn, self.lease, [b3 for _, b3, _, _ in batch])
                     syncfs(dfd)  # the renames are durable before the records commit
             if not busy:
                 self.pinned.update(b3 for _, b3, _, _ in batch)

@@ -30,12 +30,12 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
-from .chunker import Chunk, chunk_file
-from .manifest import REG
+from ..chunked.chunker import Chunk, chunk_file
+from ..core.manifest import REG
 
 if TYPE_CHECKING:
-    from .chunked import TocEntry
-    from .store import Store
+    from ..chunked.toc import TocEntry
+    from ..store import Store
 
 VALUE: Final = struct.Struct("<32sQQ")  # blake3 of the object, offset, length
 # Objects smaller than this are not chunked: whole-file reuse (by sha256) covers them, and the

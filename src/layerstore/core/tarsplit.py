@@ -26,7 +26,7 @@ from typing import BinaryIO, Final
 
 import zstandard
 
-from .errors import CorruptObjectError
+from ..errors import CorruptObjectError
 
 MAGIC: Final = b"LSTS"
 VERSION: Final = 1

@@ -13,12 +13,12 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import CorruptObjectError, StoreError
-from .manifest import Entry
-from .tarsplit import CONTENT, RAW, read_tarsplit
+from ..core.manifest import Entry
+from ..core.tarsplit import CONTENT, RAW, read_tarsplit
+from ..errors import CorruptObjectError, StoreError
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 
 def export_tar(

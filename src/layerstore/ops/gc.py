@@ -39,12 +39,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from . import leases
-from .digests import is_hex_name
-from .index import ObjectRecord
+from ..core import protocol
+from ..core.digests import is_hex_name
+from ..core.index import ObjectRecord
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 BATCH: Final = 2048
 
@@ -77,15 +77,15 @@ def reap(store: Store, result: GcResult | None = None) -> GcResult:
     """Step 1 and 6: forget dead processes' pins, finish deferred removals, drop their files."""
     result = result or GcResult(dry_run=False)
     idx = store.index
-    live = leases.LivenessChecker(store.leases_dir, own=store.lease.id)
+    live = protocol.LivenessChecker(store.leases_dir, own=store.lease.id)
     with idx.write() as txn:
-        dead = leases.dead_leases(idx, txn, live)
+        dead = protocol.dead_leases(idx, txn, live)
         for lease in dead:
-            leases.unpin_all_objects(idx, txn, lease)
+            protocol.unpin_all_objects(idx, txn, lease)
         lp = idx.db[b"layer_pins"]
         for k in list(txn.cursor(db=lp).iternext(values=False)):
             k = bytes(k)
-            if k[-leases.LEASE_SIZE :] in dead:
+            if k[-protocol.LEASE_SIZE :] in dead:
                 txn.delete(k, db=lp)
         doomed = idx.db[b"doomed"]
         for k, v in list(txn.cursor(db=doomed)):
@@ -94,7 +94,7 @@ def reap(store: Store, result: GcResult | None = None) -> GcResult:
         for diff_id, rec in idx.iter_layers(txn):
             if rec.get("state") != "deleted":
                 continue
-            if not any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
+            if not any(live.alive(p) for p in protocol.layer_pinners(idx, txn, diff_id)):
                 store._drop_layer_refs(txn, diff_id, rec)
                 result.layers_finalized += 1
         result.dead_leases = len(dead)
@@ -103,7 +103,7 @@ def reap(store: Store, result: GcResult | None = None) -> GcResult:
     # `fsck --rebuild-index` restores them from.  A backup left by a removal whose process
     # died before unlinking it is fsck's to report (layer-backup-extra; --repair quarantines).
     store._remove_layer_backups()  # re-checks each against the index before unlinking
-    result.staging_removed += leases.remove_dead_lease_files(
+    result.staging_removed += protocol.remove_dead_lease_files(
         store.leases_dir, store.staging_dir, live
     )
     return result
@@ -166,7 +166,7 @@ def _doom_and_unlink(
 ) -> None:
     idx = store.index
     objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
-    live = leases.LivenessChecker(store.leases_dir, own=store.lease.id)
+    live = protocol.LivenessChecker(store.leases_dir, own=store.lease.id)
     chosen: list[tuple[bytes, int]] = []
     with idx.write() as txn:
         for b3 in batch:
@@ -185,7 +185,7 @@ def _doom_and_unlink(
             owner = txn.get(b3, db=doomed)
             if owner is not None and live.alive(owner):
                 continue  # another gc has it
-            if leases.is_object_pinned(idx, txn, b3, live):
+            if protocol.is_object_pinned(idx, txn, b3, live):
                 result.skipped_pinned += 1
                 continue
             chosen.append((b3, size))

@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import lmdb
 
-from .errors import StoreError
+from ..errors import StoreError
 
 DB_NAMES: Final = (
     b"meta",
