@@ -17,11 +17,8 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from layerstore import (
-    LayerstoreError,
-    Store,
-    leases,
-)
+from layerstore import LayerstoreError, Store
+from layerstore.core import leases
 
 
 def say(**kw: object) -> None:
@@ -160,7 +157,7 @@ def cmd_stress(store: str, seed: str, duration: str, tars: str, dest_base: str, 
 def cmd_partial_slow(store: str, blob: str, annotations: str, marker: str, delay: str) -> None:
     """Partially import a zstd:chunked blob, stalling (after the plan and its pins) before the
     first fetched byte, so another process can remove the layer whose chunks it reuses and gc."""
-    from layerstore.chunked.toc import FileSource
+    from layerstore.sources.base import FileSource
 
     class Slow(FileSource):
         def read_ranges(self, ranges):  # type: ignore[no-untyped-def]

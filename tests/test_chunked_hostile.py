@@ -51,7 +51,8 @@ from chunkedblob import (
 from test_hostile import index_dump, object_files
 
 from layerstore import InvalidInputError, Store, UnsafePathError
-from layerstore.chunked.toc import ChunkedError, FileSource
+from layerstore.errors import ChunkedError
+from layerstore.sources.base import FileSource
 from layerstore.ops.partial import import_chunked
 
 TRUST = ["annotations", "footer"]  # TOC located (and trusted) via annotations, or bare blob

@@ -25,7 +25,8 @@ import pytest
 from conftest import need_corpus
 
 from layerstore import Store
-from layerstore.chunked.toc import ChunkedError, FileSource
+from layerstore.errors import ChunkedError
+from layerstore.sources.base import FileSource
 from layerstore.sources.http import HttpSource
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"

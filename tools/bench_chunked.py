@@ -36,7 +36,7 @@ import bench  # noqa: E402
 import corpus  # noqa: E402
 
 from layerstore import Store  # noqa: E402
-from layerstore.chunked.toc import FileSource  # noqa: E402
+from layerstore.sources.base import FileSource  # noqa: E402
 
 BEGIN = "<!-- bench-chunked:begin -->"
 END = "<!-- bench-chunked:end -->"

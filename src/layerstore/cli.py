@@ -20,9 +20,9 @@ import click
 import lmdb
 from tqdm import tqdm
 
-from .chunked.toc import open_source
 from .core.index import UNPROVED, index_error
 from .errors import LayerstoreError
+from .sources.open import open_source
 from .store import ENV_STORE, Store, default_store_path
 
 EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)

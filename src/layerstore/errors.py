@@ -80,3 +80,7 @@ class InUseError(LayerstoreError):
     """The thing to remove is still used (a layer by an image)."""
 
     exit_code = 9
+
+
+class ChunkedError(InvalidInputError):
+    """A zstd:chunked blob's footer, TOC, tar-split or ranges are malformed or lie."""

@@ -4,7 +4,7 @@ A zstd:chunked blob is a plain ``tar+zstd`` layer whose file payloads start new 
 a table of contents (TOC) appended in a skippable frame (docs/format.md, "zstd:chunked", and
 ``shared/reference/zstd-chunked.md``).  This module is the *format* half: where the TOC is, whether
 it can be trusted, what it says (validated strictly: it comes from a registry), and the byte-range
-sources a partial import reads from.  :mod:`layerstore.partial` decides what to fetch.
+sources a partial import reads from.  :mod:`layerstore.ops.partial` decides what to fetch.
 
 Trust.  With the OCI descriptor's annotations the TOC is trusted only after the sha256 of its
 compressed bytes equals ``manifest-checksum`` (the registry manifest is itself content-addressed).
@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
-import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import zstandard
 
 from ..core.paths import normalize
-from ..errors import InvalidInputError
+from ..errors import ChunkedError
+from ..sources.base import RangeSource, read_range
 
 SKIPPABLE_MAGIC: Final = b"\x50\x2a\x4d\x18"
 FOOTER_MAGIC_OLD: Final = b"GnUlInUx"  # sic: the historic variant's spelling
@@ -58,111 +56,6 @@ TAR_TYPES: Final = {
     b"6": "fifo",
 }
 TYPEFLAG: Final = {t: f for f, t in TAR_TYPES.items() if f not in (b"\0", b"7")}
-
-
-class ChunkedError(InvalidInputError):
-    """A zstd:chunked blob's footer, TOC, tar-split or ranges are malformed or lie."""
-
-
-# -- byte-range sources ----------------------------------------------------------------------
-class RangeSource(Protocol):
-    """Anything a partial import can read byte ranges of: a local blob, an HTTP blob URL.
-
-    ``read_ranges`` gets sorted, non-overlapping ``(start, end)`` half-open ranges and yields
-    ``(offset, data)`` pieces covering each range completely and in order (pieces may be smaller
-    than a range, never span two).  A registry source sends them as one multi-range request.
-    """
-
-    def size(self) -> int: ...
-
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]: ...
-
-
-class FileSource:
-    """A local blob file as a :class:`RangeSource`; counts the bytes it hands out."""
-
-    PIECE: Final = 4 << 20
-    # A local file has no per-request cost worth merging ranges for (HTTP sources do).
-    max_ranges: int = 1 << 30
-    merge_gap: int = 0
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._size = os.fstat(self.fd).st_size
-        self.bytes_read = 0
-        self.requests = 0
-
-    def size(self) -> int:
-        return self._size
-
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        self.requests += 1
-        for a, b in ranges:
-            if not 0 <= a <= b <= self._size:
-                raise ChunkedError(f"range {a}-{b} lies outside the {self._size}-byte blob")
-            while a < b:
-                data = os.pread(self.fd, min(self.PIECE, b - a), a)
-                if not data:
-                    raise ChunkedError(f"{self.path}: blob shrank while reading at {a}")
-                self.bytes_read += len(data)
-                yield a, data
-                a += len(data)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> FileSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@contextlib.contextmanager
-def open_source(source: str | os.PathLike[str]) -> Iterator[tuple[RangeSource, str]]:
-    """A blob path or an http(s) blob URL as an open :class:`RangeSource`, with the name an
-    import records as its source."""
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from ..sources.http import HttpSource  # imports this module: not at the top
-
-        with HttpSource(source) as hs:
-            yield hs, source
-    else:
-        with FileSource(os.fspath(source)) as fs:
-            yield fs, f"file:{os.path.abspath(source)}"
-
-
-def read_range(source: RangeSource, a: int, b: int) -> bytes:
-    return b"".join(d for _, d in source.read_ranges([(a, b)]))
-
-
-def coalesce(
-    ranges: Iterable[tuple[int, int]], gap: int = 1024, max_ranges: int = 1024
-) -> list[tuple[int, int]]:
-    """Merge ranges closer than ``gap`` bytes, then the closest until at most ``max_ranges``.
-
-    Fewer, larger ranges cost a few wasted bytes and save round trips and per-range overhead
-    (upstream uses the same two rules).  Input need not be sorted; overlaps are merged.
-    """
-    out: list[list[int]] = []
-    for a, b in sorted(r for r in ranges if r[1] > r[0]):
-        if out and a - out[-1][1] <= gap:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    if len(out) > max_ranges:
-        # Merge across the smallest gaps until the count fits.
-        by_size = sorted(range(len(out) - 1), key=lambda i: out[i + 1][0] - out[i][1])
-        bridge = set(by_size[: len(out) - max_ranges])
-        merged: list[list[int]] = [out[0]]
-        for i in range(1, len(out)):
-            if i - 1 in bridge:
-                merged[-1][1] = out[i][1]
-            else:
-                merged.append(out[i])
-        out = merged
-    return [(a, b) for a, b in out]
 
 
 # -- locating the TOC ------------------------------------------------------------------------
@@ -555,19 +448,14 @@ def parse_tarsplit(raw: bytes) -> list[Segment]:
 __all__ = [
     "ChunkRef",
     "ChunkedError",
-    "FileSource",
     "Located",
     "Position",
-    "RangeSource",
     "Segment",
     "Toc",
     "TocEntry",
-    "coalesce",
     "data_end",
     "decode_frame",
     "locate",
-    "open_source",
     "parse_tarsplit",
     "parse_toc",
-    "read_range",
 ]

@@ -28,7 +28,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import zstandard
 
@@ -36,9 +36,6 @@ from ..errors import InvalidInputError
 from ..tar.reader import TarMember, TarReader
 from .chunker import Chunker, crc64_iso, tarsplit_crc_payload
 from .toc import FOOTER_MAGIC_NEW, PREFIX_NEW, SKIPPABLE_MAGIC, TAR_TYPES
-
-if TYPE_CHECKING:
-    from ..store import Store
 
 _SPOOL: Final = 64 << 20
 _PIECE: Final = 1 << 20
@@ -98,20 +95,21 @@ def _rfc3339(ns: int) -> str:
 
 
 def write_chunked(
-    store: Store, ref: str, out: BinaryIO, progress: Callable[[int], None] | None = None
+    diff_id: str, write_tar: Callable[[BinaryIO], object], out: BinaryIO
 ) -> ChunkedBlob:
-    """Write layer ``ref`` to ``out`` as a zstd:chunked blob; see the module docstring.
+    """Write the layer whose tar ``write_tar(stream)`` produces to ``out`` as a zstd:chunked
+    blob; see the module docstring.
 
-    The tar comes from :meth:`Store.export_layer`, which verifies it against the layer's DiffID
-    (an error there is raised here), so the blob's DiffID needs no second hash."""
-    diff_id = store.layer(ref).diff_id
+    ``write_tar`` runs in a thread and must verify the tar against ``diff_id`` itself (the
+    store's export does; an error it raises is raised here), so the blob's DiffID needs no
+    second hash."""
     rfd, wfd = os.pipe()
     err: list[BaseException] = []
 
     def produce() -> None:
         try:
             with open(wfd, "wb", buffering=_PIECE) as w:
-                store.export_layer(ref, w, progress)
+                write_tar(w)
         except BrokenPipeError:
             pass
         except BaseException as exc:  # re-raised by the consumer

@@ -369,6 +369,21 @@ class Index:
         cur = txn.cursor(db=self.db[b"layers"])
         return [(bytes(k), json.loads(v)) for k, v in cur]
 
+    # -- images ----------------------------------------------------------------------------
+    def get_image(self, txn: lmdb.Transaction, name: str) -> dict[str, Any] | None:
+        raw = txn.get(name.encode(), db=self.db[b"images"])
+        return None if raw is None else json.loads(raw)
+
+    def put_image(self, txn: lmdb.Transaction, name: str, rec: dict[str, Any]) -> None:
+        txn.put(name.encode(), json.dumps(rec).encode(), db=self.db[b"images"])
+
+    def delete_image(self, txn: lmdb.Transaction, name: str) -> None:
+        txn.delete(name.encode(), db=self.db[b"images"])
+
+    def iter_images(self, txn: lmdb.Transaction) -> list[tuple[str, dict[str, Any]]]:
+        cur = txn.cursor(db=self.db[b"images"])
+        return [(bytes(k).decode(), json.loads(v)) for k, v in cur]
+
     # -- compressed blobs ------------------------------------------------------------------
     def has_blob_of_size(self, txn: lmdb.Transaction, size: int) -> bool:
         """Could a stored layer's compressed blob have this size?  The re-import shortcut

@@ -28,14 +28,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from ..chunked.chunker import Chunk, chunk_file
+from ..chunked.toc import TocEntry
 from ..core.manifest import REG
-
-if TYPE_CHECKING:
-    from ..chunked.toc import TocEntry
-    from ..store import Store
+from ..core.repo import Repo
 
 VALUE: Final = struct.Struct("<32sQQ")  # blake3 of the object, offset, length
 # Objects smaller than this are not chunked: whole-file reuse (by sha256) covers them, and the
@@ -51,9 +49,9 @@ def lookup(txn: object, db: object, digest: bytes) -> tuple[bytes, int, int] | N
     return None if v is None else VALUE.unpack(v)
 
 
-def record_toc(store: Store, entries: Iterable[TocEntry]) -> int:
+def record_toc(repo: Repo, entries: Iterable[TocEntry]) -> int:
     """Index the chunks of a TOC's multi-chunk files that are now objects; returns how many."""
-    idx = store.index
+    idx = repo.index
     shadb, chunkdb = idx.db[b"sha256"], idx.db[b"chunks"]
     n = 0
     with idx.write() as txn:
@@ -72,11 +70,11 @@ def record_toc(store: Store, entries: Iterable[TocEntry]) -> int:
     return n
 
 
-def record_tiny(store: Store, contents: dict[bytes, bytes]) -> None:
+def record_tiny(repo: Repo, contents: dict[bytes, bytes]) -> None:
     """Remember inline files' contents by sha256 (they are no objects, so the sha256 alias
     table cannot find them): a partial import then fetches no range for a tiny file the store
     has seen (minbase has ~100; each would otherwise cost a range and its framing)."""
-    idx = store.index
+    idx = repo.index
     db = idx.db[b"chunks"]
     with idx.write() as txn:
         for sha, data in contents.items():
@@ -88,14 +86,14 @@ def lookup_tiny(txn: object, db: object, sha: bytes) -> bytes | None:
     return None if v is None else bytes(v)
 
 
-def sweep(store: Store) -> int:
+def sweep(repo: Repo) -> int:
     """Drop chunk entries and chunked-markers whose object has no record (gc's last step).
 
     The record check and the delete are in one transaction (``Index.sweep``), so an entry whose
     object exists is never dropped; one whose object is published again later is merely
     re-learned on the next import.  Tiny-content keys stand alone (no object) and stay.
     """
-    objs = store.index.db[b"objects"]
+    objs = repo.index.db[b"objects"]
 
     def stale(txn: Any, k: bytes, v: bytes) -> bool:
         if len(k) == 32:
@@ -106,7 +104,7 @@ def sweep(store: Store) -> int:
             return False
         return txn.get(b3, db=objs) is None
 
-    return store.index.sweep(b"chunks", stale)
+    return repo.index.sweep(b"chunks", stale)
 
 
 def _chunk_object(path: str, size: int) -> list[Chunk] | None:
@@ -117,25 +115,25 @@ def _chunk_object(path: str, size: int) -> list[Chunk] | None:
         return None  # removed (and collected) meanwhile: nothing to index
 
 
-def index_layer(store: Store, manifest_b3: bytes, workers: int = 1) -> dict[str, int]:
+def index_layer(repo: Repo, manifest_b3: bytes, workers: int = 1) -> dict[str, int]:
     """Chunk the layer's objects not chunked before and index their chunks.
 
     One worker by default: measured on minbase (193 MB in 1,958 objects), one thread chunks in
     1.01 s and two take 1.19 s -- the chunker's small numpy operations hold the GIL too often
     for a second thread to pay.  Returns counts for the import report.
     """
-    idx = store.index
+    idx = repo.index
     chunkdb = idx.db[b"chunks"]
     stats = {"objects_chunked": 0, "bytes_chunked": 0, "chunks_indexed": 0}
     seen: set[bytes] = set()  # within this layer only: duplicates are common (hardlinks)
 
     def work(item: tuple[bytes, int]) -> tuple[bytes, list[Chunk] | None]:
         b3, size = item
-        return b3, _chunk_object(store.object_path(b3), size)
+        return b3, _chunk_object(repo.object_path(b3), size)
 
     def slices() -> Iterator[list[tuple[bytes, int]]]:
         cand: list[tuple[bytes, int]] = []
-        for e in store._manifest_entries(manifest_b3):
+        for e in repo.manifest_entries(manifest_b3):
             if e.kind == REG and e.digest is not None and e.size >= MIN_SIZE:
                 if e.digest not in seen:
                     seen.add(e.digest)

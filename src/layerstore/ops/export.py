@@ -11,18 +11,45 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
+from ..chunked.writer import ChunkedBlob, write_chunked
+from ..core import protocol
 from ..core.manifest import Entry
+from ..core.repo import Repo
 from ..core.tarsplit import CONTENT, RAW, read_tarsplit
 from ..errors import CorruptObjectError, StoreError
 
-if TYPE_CHECKING:
-    from ..store import Store
+
+def export_layer(
+    repo: Repo,
+    diff_id: bytes,
+    out: BinaryIO,
+    progress: Callable[[int], None] | None = None,
+    *,
+    ref: str | None = None,
+) -> int:
+    """Write the layer's exact original tar to ``out``, pinned while it is read (like a
+    materialization); returns the number of bytes written."""
+    with protocol.pinned_layers(repo, [diff_id], content=False, ref=ref) as (layer,):
+        return export_tar(repo, diff_id, layer.record, out, progress)
+
+
+def export_chunked(
+    repo: Repo, diff_id: bytes, out: BinaryIO, *, ref: str | None = None
+) -> ChunkedBlob:
+    """Write the layer as a zstd:chunked blob (current upstream variant), pinned meanwhile;
+    returns the descriptor facts (digest, size, annotations)."""
+    with protocol.pinned_layers(repo, [diff_id], content=False, ref=ref) as (layer,):
+        return write_chunked(
+            "sha256:" + diff_id.hex(),
+            lambda w: export_tar(repo, diff_id, layer.record, w),
+            out,
+        )
 
 
 def export_tar(
-    store: Store,
+    repo: Repo,
     diff_id: bytes,
     rec: dict[str, Any],
     out: BinaryIO,
@@ -35,7 +62,7 @@ def export_tar(
             "re-import it to make it exportable byte for byte"
         )
     sha = hashlib.sha256()
-    entries: Iterator[Entry] = store._manifest_entries(bytes.fromhex(rec["manifest"]))
+    entries: Iterator[Entry] = repo.manifest_entries(bytes.fromhex(rec["manifest"]))
     index = -1
     entry: Entry | None = None
     fd = -1
@@ -50,7 +77,7 @@ def export_tar(
             progress(len(data))
 
     try:
-        with open(store.object_path(bytes.fromhex(rec["tarsplit"])), "rb") as tsf:
+        with open(repo.object_path(bytes.fromhex(rec["tarsplit"])), "rb") as tsf:
             for kind, val in read_tarsplit(tsf):
                 if kind == RAW:
                     assert isinstance(val, bytes)
@@ -70,7 +97,7 @@ def export_tar(
                         fd = -1
                     if entry.digest is not None and index == want:
                         try:
-                            fd = os.open(store.object_path(entry.digest), os.O_RDONLY)
+                            fd = os.open(repo.object_path(entry.digest), os.O_RDONLY)
                         except FileNotFoundError:
                             raise CorruptObjectError(
                                 f"object for {entry.path!r} is missing; run `layerstore fsck`"

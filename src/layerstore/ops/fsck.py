@@ -39,18 +39,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import blake3 as _blake3
 
-from ..core import protocol
+from ..core import leases, protocol
 from ..core.digests import is_hex_name
 from ..core.index import ObjectRecord
+from ..core.layers import write_backup
 from ..core.manifest import REG
+from ..core.repo import Repo
 from ..errors import CorruptObjectError, LayerstoreError, StoreError
-
-if TYPE_CHECKING:
-    from ..store import Store
+from . import ingest
 
 EXIT_CLEAN: Final = 0
 EXIT_REPAIRED: Final = 1
@@ -139,7 +139,7 @@ def _hash_object(path: str, deep: bool) -> tuple[bytes, bytes | None, int]:
 class _Checker:
     def __init__(
         self,
-        store: Store,
+        repo: Repo,
         full: bool,
         deep: bool,
         repair: bool,
@@ -147,8 +147,8 @@ class _Checker:
         progress: Callable[[int], None] | None,
         jobs: int,
     ) -> None:
-        self.st = store
-        self.idx = store.index
+        self.repo = repo
+        self.idx = repo.index
         self.full = full or deep
         self.deep = deep
         self.repair = repair
@@ -171,12 +171,12 @@ class _Checker:
 
     def check_objects(self) -> None:
         rep = self.report
-        st = self.st
+        repo = self.repo
 
         def one(item: tuple[bytes, ObjectRecord]) -> tuple[bytes, ObjectRecord, str, str, int]:
             b3, rec = item
             try:
-                fd = os.open(st.object_path(b3), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(repo.object_path(b3), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 return b3, rec, "object-missing", "file is missing", 0
             except OSError as exc:  # ELOOP: a symlink where an object should be
@@ -245,11 +245,11 @@ class _Checker:
                 p = rep.add(code, b3.hex(), f"object {b3.hex()}: {msg}")
                 if code == "object-writable":
                     if self.repair:
-                        os.chmod(st.object_path(b3), 0o444)
+                        os.chmod(repo.object_path(b3), 0o444)
                         p.repaired = True
                 elif code == "object-sha256-wrong":
                     if self.repair:
-                        _, sha, _ = _hash_object(st.object_path(b3), True)
+                        _, sha, _ = _hash_object(repo.object_path(b3), True)
                         assert sha is not None
                         with self.idx.write() as txn:
                             self.idx.put_object(txn, b3, ObjectRecord(rec.size, sha, rec.refs))
@@ -265,7 +265,7 @@ class _Checker:
     def check_objects_dir(self) -> None:
         """objects/ itself.  Gone, every object is missing (reported one by one below); repair
         recreates the directory so the objects can be restored into it from ``--source``."""
-        d = self.st.objects_dir
+        d = self.repo.objects_dir
         if os.path.isdir(d):
             return
         p = self.report.add(
@@ -286,12 +286,12 @@ class _Checker:
         """Files in objects/ with no record (orphans) and files that are not objects at all."""
         rep = self.report
         objs = self.idx.db[b"objects"]
-        if not os.path.isdir(self.st.objects_dir):
+        if not os.path.isdir(self.repo.objects_dir):
             return  # reported by check_objects_dir
-        with os.scandir(self.st.objects_dir) as top:
+        with os.scandir(self.repo.objects_dir) as top:
             fans = sorted(de.name for de in top)
         for fan in fans:
-            d = os.path.join(self.st.objects_dir, fan)
+            d = os.path.join(self.repo.objects_dir, fan)
             if not is_hex_name(fan, 2) or not os.path.isdir(d):
                 p = rep.add("junk-file", d, f"{d} does not belong in objects/")
                 if self.repair:
@@ -341,9 +341,9 @@ class _Checker:
         return True
 
     def _quarantine(self, path: str, why: str) -> str:
-        os.makedirs(self.st.quarantine_dir, exist_ok=True)
+        os.makedirs(self.repo.quarantine_dir, exist_ok=True)
         dest = os.path.join(
-            self.st.quarantine_dir, f"{os.path.basename(path)}.{why}.{time.time_ns()}"
+            self.repo.quarantine_dir, f"{os.path.basename(path)}.{why}.{time.time_ns()}"
         )
         shutil.move(path, dest)
         return dest
@@ -394,7 +394,7 @@ class _Checker:
                 if rec is None or b3 in self.bad:
                     continue
                 try:
-                    got, sha, _ = _hash_object(self.st.object_path(b3), True)
+                    got, sha, _ = _hash_object(self.repo.object_path(b3), True)
                 except OSError:
                     continue  # missing/unreadable: reported by the object checks
                 if got != b3 or sha is None:
@@ -436,7 +436,7 @@ class _Checker:
                 if mb3 in self.bad:
                     raise CorruptObjectError("manifest object is missing or corrupt")
                 with idx.read() as txn:
-                    for e in self.st._manifest_entries(mb3):
+                    for e in self.repo.manifest_entries(mb3):
                         if e.kind != REG or e.digest is None:
                             continue
                         counts[e.digest] += 1
@@ -518,7 +518,7 @@ class _Checker:
                     idx.put_layer(txn, diff_id, rec)
                     changed.append((diff_id, rec))
             for diff_id, rec in changed:  # backups follow the committed index
-                self.st._write_layer_backup(diff_id, rec)
+                write_backup(self.repo, diff_id, rec)
         final_notes = notes2 if self.repair and (lacking or restored_any) else notes
         unreadable = any(code == "manifest-unreadable" for code, _, _ in final_notes)
         self._check_counts(counts, can_lower=not unreadable)
@@ -557,7 +557,7 @@ class _Checker:
         idx = self.idx
         uses: Counter[bytes] = Counter()
         with idx.read() as txn:
-            images = self.st._iter_images(txn)
+            images = self.repo.index.iter_images(txn)
             layers = dict(idx.iter_layers(txn))
         for name, im in images:
             for h in im["layers"]:
@@ -606,7 +606,7 @@ class _Checker:
                     txn.delete(k, db=idx.db[b"compressed"])
                 p.repaired = True
         on_disk = {
-            n[:-5] for n in os.listdir(self.st.layers_dir) if n.endswith(".json") and len(n) == 69
+            n[:-5] for n in os.listdir(self.repo.layers_dir) if n.endswith(".json") and len(n) == 69
         }
         for diff_id, rec in layers.items():
             if diff_id.hex() not in on_disk:
@@ -614,21 +614,21 @@ class _Checker:
                     "layer-backup-missing", diff_id.hex(), f"layer {diff_id.hex()[:16]} backup"
                 )
                 if self.repair:
-                    self.st._write_layer_backup(diff_id, rec)
+                    write_backup(self.repo, diff_id, rec)
                     p.repaired = True
         for h in sorted(on_disk - {d.hex() for d in layers}):
             p = rep.add("layer-backup-extra", h, f"backup of unknown layer {h[:16]}")
             if self.repair:
-                self._quarantine(os.path.join(self.st.layers_dir, h + ".json"), "stale")
+                self._quarantine(os.path.join(self.repo.layers_dir, h + ".json"), "stale")
                 p.repaired = True
 
     # processes --------------------------------------------------------------------------------
     def check_leases(self) -> None:
         rep = self.report
-        st = self.st
-        live = protocol.LivenessChecker(st.leases_dir, own=st.lease.id)
+        repo = self.repo
+        live = leases.LivenessChecker(repo.leases_dir, own=repo.lease.id)
         with self.idx.read() as txn:
-            dead = protocol.dead_leases(self.idx, txn, live)
+            dead = leases.dead_leases(self.idx, txn, live)
         for lease in sorted(dead):
             rep.add(
                 "dead-pins",
@@ -636,7 +636,7 @@ class _Checker:
                 f"pins/intents of dead process lease {lease.hex()} (gc or repair drops them)",
             )
         stale = []
-        for name in os.listdir(st.staging_dir):
+        for name in os.listdir(repo.staging_dir):
             try:
                 lease = bytes.fromhex(name)
             except ValueError:
@@ -647,11 +647,9 @@ class _Checker:
         for name in stale:
             rep.add("stale-staging", name, f"staging/{name} belongs to a dead process")
         if self.repair and (dead or stale):
-            from .gc import reap
-
-            reap(st)
+            protocol.reap(repo)
             for name in stale:
-                shutil.rmtree(os.path.join(st.staging_dir, name), ignore_errors=True)
+                shutil.rmtree(os.path.join(repo.staging_dir, name), ignore_errors=True)
             for p in rep.problems:
                 if p.code in ("dead-pins", "stale-staging"):
                     p.repaired = True
@@ -660,10 +658,10 @@ class _Checker:
     def restore(self, lacking: set[bytes]) -> None:
         """Quarantine bad objects, drop their records, then re-fetch what layers lack."""
         idx = self.idx
-        st = self.st
+        repo = self.repo
         with idx.write() as txn:
             for b3 in self.bad:
-                path = st.object_path(b3)
+                path = repo.object_path(b3)
                 if os.path.lexists(path):
                     self._quarantine(path, "corrupt")
                 rec = idx.get_object(txn, b3)
@@ -682,13 +680,11 @@ class _Checker:
                 p.repaired = True
 
     def _restore_from(self, src: str, want: set[bytes]) -> set[bytes]:
-        from ..store import Store
-
-        st = self.st
+        repo = self.repo
         got: set[bytes] = set()
         if os.path.isfile(os.path.join(src, "layerstore.json")):
             try:
-                other = Store(src)  # refused if its own index is lost: then it is no source
+                other = Repo(src)  # refused if its own index is lost: then it is no source
             except LayerstoreError as exc:
                 self.report.add("source-unusable", src, f"source {src} cannot be opened: {exc}")
                 return got
@@ -700,7 +696,7 @@ class _Checker:
                     h, sha, size = _hash_object(path, True)
                     if h != b3:
                         continue  # the source is damaged too: never copy bad data
-                    stage = st.new_staging_dir("restore")
+                    stage = repo.new_staging_dir("restore")
                     tmp = os.path.join(stage, b3.hex())
                     shutil.copyfile(path, tmp)
                     h2, sha2, _ = _hash_object(tmp, True)
@@ -709,7 +705,7 @@ class _Checker:
                     os.chmod(tmp, 0o444)
                     with self.idx.write() as txn:
                         if self.idx.get_object(txn, b3) is None:
-                            os.rename(tmp, st.object_path(b3))
+                            os.rename(tmp, repo.object_path(b3))
                             assert sha2 is not None
                             self.idx.put_object(txn, b3, ObjectRecord(size, sha2, 0))
                             txn.put(sha2, b3, db=self.idx.db[b"sha256"])
@@ -721,7 +717,7 @@ class _Checker:
             # A layer tarball: importing it writes exactly the contents the index lacks (the
             # bad records were dropped above), each verified by digest on the way in.
             try:
-                st.import_path(src, shortcut=False)
+                ingest.import_path(repo, src, shortcut=False)
             except LayerstoreError as exc:
                 self.report.add("source-unusable", src, f"source {src} could not be read: {exc}")
                 return got
@@ -743,7 +739,9 @@ class _Checker:
                     if len(digest) != 32 or txn.get(digest, db=comp_db) is None:
                         continue
                 try:
-                    st.import_path(os.path.join(blobs, name), shortcut=False, image_owned=True)
+                    ingest.import_path(
+                        repo, os.path.join(blobs, name), shortcut=False, image_owned=True
+                    )
                 except LayerstoreError as exc:
                     self.report.add("source-unusable", src, f"{src}/{name}: {exc}")
             with self.idx.read() as txn:
@@ -756,7 +754,7 @@ class _Checker:
 
 
 def fsck(
-    store: Store,
+    repo: Repo,
     *,
     full: bool = True,
     deep: bool = False,
@@ -767,7 +765,7 @@ def fsck(
 ) -> FsckReport:
     """Check (and with ``repair`` fix) a store; see the module docstring."""
     t0 = time.monotonic()
-    c = _Checker(store, full, deep, repair, list(sources or []), progress, jobs)
+    c = _Checker(repo, full, deep, repair, list(sources or []), progress, jobs)
     c.check_objects_dir()
     c.check_leases()
     c.check_objects()
@@ -821,7 +819,6 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
     (it is the only way to trust it again); layers come back from ``layers/*.json``; reference
     counts are recomputed from their manifests.
     """
-    from ..store import Store
 
     idx_dir = os.path.join(root, "index")
     if not os.path.isdir(os.path.join(root, "objects")):
@@ -838,14 +835,14 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
     os.makedirs(os.path.join(root, "layers"), exist_ok=True)
     # The one open that accepts an index which is not (yet) this store's: it is filled from
     # objects/ and the backups, then stamped as the next generation of this store's index.
-    st = Store(root, _rebuilding=True)
+    repo = Repo(root, rebuilding=True)
     restored_objects = 0
     quarantined = 0
-    layers = 0
+    n_layers = 0
     try:
-        with st.index.write() as txn:
-            for fan in sorted(os.listdir(st.objects_dir)):
-                d = os.path.join(st.objects_dir, fan)
+        with repo.index.write() as txn:
+            for fan in sorted(os.listdir(repo.objects_dir)):
+                d = os.path.join(repo.objects_dir, fan)
                 if not os.path.isdir(d):
                     continue
                 for name in sorted(os.listdir(d)):
@@ -856,35 +853,35 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
                     except (ValueError, OSError):
                         continue
                     if h != b3 or sha is None:
-                        os.makedirs(st.quarantine_dir, exist_ok=True)
-                        shutil.move(path, os.path.join(st.quarantine_dir, f"{name}.corrupt"))
+                        os.makedirs(repo.quarantine_dir, exist_ok=True)
+                        shutil.move(path, os.path.join(repo.quarantine_dir, f"{name}.corrupt"))
                         quarantined += 1
                         continue
-                    st.index.put_object(txn, b3, ObjectRecord(size, sha, 0))
-                    txn.put(sha, b3, db=st.index.db[b"sha256"])
+                    repo.index.put_object(txn, b3, ObjectRecord(size, sha, 0))
+                    txn.put(sha, b3, db=repo.index.db[b"sha256"])
                     restored_objects += 1
                     if progress:
                         progress(1)
-            for name in sorted(os.listdir(st.layers_dir)):
+            for name in sorted(os.listdir(repo.layers_dir)):
                 if not name.endswith(".json"):
                     continue
-                with open(os.path.join(st.layers_dir, name)) as f:
+                with open(os.path.join(repo.layers_dir, name)) as f:
                     rec = json.load(f)
                 diff_id = bytes.fromhex(rec.pop("diff_id"))
-                st.index.put_layer(txn, diff_id, rec)
+                repo.index.put_layer(txn, diff_id, rec)
                 for c in rec.get("compressed", []):
-                    txn.put(bytes.fromhex(c), diff_id, db=st.index.db[b"compressed"])
-                layers += 1
-        st._stamp_identity()
+                    txn.put(bytes.fromhex(c), diff_id, db=repo.index.db[b"compressed"])
+                n_layers += 1
+        repo.stamp_identity()
     finally:
-        st.close()
-    with Store(root) as st:
-        report = fsck(st, full=False, repair=True)
+        repo.close()
+    with Repo(root) as repo:
+        report = fsck(repo, full=False, repair=True)
     return {
         "index_moved_to": aside,
         "objects": restored_objects,
         "quarantined": quarantined,
-        "layers": layers,
+        "layers": n_layers,
         "fsck_exit_code": report.exit_code,
         "problems_after_rebuild": [p.to_json() for p in report.problems if not p.repaired],
     }

@@ -37,14 +37,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from ..core import protocol
+from ..core import leases, protocol
 from ..core.digests import is_hex_name
 from ..core.index import ObjectRecord
-
-if TYPE_CHECKING:
-    from ..store import Store
+from ..core.repo import Repo
 
 BATCH: Final = 2048
 
@@ -73,53 +71,28 @@ def _batches(items: list[bytes], n: int) -> Iterator[list[bytes]]:
         yield items[i : i + n]
 
 
-def reap(store: Store, result: GcResult | None = None) -> GcResult:
-    """Step 1 and 6: forget dead processes' pins, finish deferred removals, drop their files."""
+def reap(repo: Repo, result: GcResult | None = None) -> GcResult:
+    """Step 1 and 6: dead processes' pins, deferred removals and files
+    (:func:`layerstore.core.protocol.reap`), counted into ``result``."""
     result = result or GcResult(dry_run=False)
-    idx = store.index
-    live = protocol.LivenessChecker(store.leases_dir, own=store.lease.id)
-    with idx.write() as txn:
-        dead = protocol.dead_leases(idx, txn, live)
-        for lease in dead:
-            protocol.unpin_all_objects(idx, txn, lease)
-        lp = idx.db[b"layer_pins"]
-        for k in list(txn.cursor(db=lp).iternext(values=False)):
-            k = bytes(k)
-            if k[-protocol.LEASE_SIZE :] in dead:
-                txn.delete(k, db=lp)
-        doomed = idx.db[b"doomed"]
-        for k, v in list(txn.cursor(db=doomed)):
-            if bytes(v) in dead:
-                txn.delete(bytes(k), db=doomed)  # the file, if any, is an orphan now
-        for diff_id, rec in idx.iter_layers(txn):
-            if rec.get("state") != "deleted":
-                continue
-            if not any(live.alive(p) for p in protocol.layer_pinners(idx, txn, diff_id)):
-                store._drop_layer_refs(txn, diff_id, rec)
-                result.layers_finalized += 1
-        result.dead_leases = len(dead)
-    # Only the backups of the removals finished just now.  Never "every backup the index does
-    # not know": an index that lost layers (or a lost index) would then cost the backups that
-    # `fsck --rebuild-index` restores them from.  A backup left by a removal whose process
-    # died before unlinking it is fsck's to report (layer-backup-extra; --repair quarantines).
-    store._remove_layer_backups()  # re-checks each against the index before unlinking
-    result.staging_removed += protocol.remove_dead_lease_files(
-        store.leases_dir, store.staging_dir, live
-    )
+    r = protocol.reap(repo)
+    result.dead_leases += r.dead_leases
+    result.layers_finalized += r.layers_finalized
+    result.staging_removed += r.staging_removed
     return result
 
 
 def collect(
-    store: Store,
+    repo: Repo,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> GcResult:
     """Run a full gc pass (see the module docstring)."""
     t0 = time.monotonic()
     result = GcResult(dry_run=dry_run)
-    idx = store.index
+    idx = repo.index
     if not dry_run:
-        reap(store, result)
+        reap(repo, result)
 
     # Candidates from a snapshot; each is re-checked inside the write transaction that dooms it.
     objs = idx.db[b"objects"]
@@ -129,7 +102,7 @@ def collect(
             if ObjectRecord.unpack(v).refs == 0:
                 candidates.append(bytes(k))
     for batch in _batches(candidates, BATCH):
-        _doom_and_unlink(store, batch, result, dry_run, orphans=False)
+        _doom_and_unlink(repo, batch, result, dry_run, orphans=False)
         if progress:
             progress(len(batch))
 
@@ -137,7 +110,7 @@ def collect(
     # renames a file into objects/ only inside the write transaction that records it.
     orphans: list[bytes] = []
     for fan in range(256):
-        d = os.path.join(store.objects_dir, f"{fan:02x}")
+        d = os.path.join(repo.objects_dir, f"{fan:02x}")
         try:
             it = os.scandir(d)
         except FileNotFoundError:
@@ -151,22 +124,22 @@ def collect(
                 if txn.get(b3, db=objs) is None:
                     orphans.append(b3)
     for batch in _batches(orphans, BATCH):
-        _doom_and_unlink(store, batch, result, dry_run, orphans=True)
+        _doom_and_unlink(repo, batch, result, dry_run, orphans=True)
     if not dry_run:
         from .chunkindex import sweep
 
-        result.chunk_hints_dropped = sweep(store)
-        result.blob_size_hints_dropped = store.index.sweep_blob_sizes()
+        result.chunk_hints_dropped = sweep(repo)
+        result.blob_size_hints_dropped = repo.index.sweep_blob_sizes()
     result.seconds = time.monotonic() - t0
     return result
 
 
 def _doom_and_unlink(
-    store: Store, batch: list[bytes], result: GcResult, dry_run: bool, orphans: bool
+    repo: Repo, batch: list[bytes], result: GcResult, dry_run: bool, orphans: bool
 ) -> None:
-    idx = store.index
+    idx = repo.index
     objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
-    live = protocol.LivenessChecker(store.leases_dir, own=store.lease.id)
+    live = leases.LivenessChecker(repo.leases_dir, own=repo.lease.id)
     chosen: list[tuple[bytes, int]] = []
     with idx.write() as txn:
         for b3 in batch:
@@ -174,7 +147,7 @@ def _doom_and_unlink(
             if orphans:
                 if raw is not None:
                     continue  # published meanwhile
-                size = _size(store, b3)
+                size = _size(repo, b3)
             else:
                 if raw is None:
                     continue
@@ -185,7 +158,7 @@ def _doom_and_unlink(
             owner = txn.get(b3, db=doomed)
             if owner is not None and live.alive(owner):
                 continue  # another gc has it
-            if protocol.is_object_pinned(idx, txn, b3, live):
+            if leases.is_object_pinned(idx, txn, b3, live):
                 result.skipped_pinned += 1
                 continue
             chosen.append((b3, size))
@@ -196,7 +169,7 @@ def _doom_and_unlink(
                 if txn.get(sha, db=shadb) == b3:
                     txn.delete(sha, db=shadb)
                 txn.delete(b3, db=objs)
-            txn.put(b3, store.lease.id, db=doomed)
+            txn.put(b3, repo.lease.id, db=doomed)
         if dry_run:
             txn.abort()
     for _b3, size in chosen:
@@ -210,7 +183,7 @@ def _doom_and_unlink(
         return
     for b3, _ in chosen:
         try:
-            os.unlink(store.object_path(b3))
+            os.unlink(repo.object_path(b3))
         except FileNotFoundError:
             pass
     with idx.write() as txn:
@@ -218,8 +191,8 @@ def _doom_and_unlink(
             txn.delete(b3, db=doomed)
 
 
-def _size(store: Store, b3: bytes) -> int:
+def _size(repo: Repo, b3: bytes) -> int:
     try:
-        return os.lstat(store.object_path(b3)).st_size
+        return os.lstat(repo.object_path(b3)).st_size
     except FileNotFoundError:
         return 0

@@ -35,11 +35,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import lmdb
 
-from ..core import protocol
+from ..core import layers, leases, protocol
 from ..core.digests import DigestSet, DualHasher, blake3_of, sha256_of
 from ..core.fsutil import syncfs
 from ..core.index import ObjectRecord, index_error, layer_unproved
@@ -55,13 +55,11 @@ from ..core.manifest import (
     ManifestWriter,
 )
 from ..core.paths import PATH_MAX, PathSet, ancestors, normalize
+from ..core.repo import Repo
 from ..core.tarsplit import TarSplitWriter
 from ..errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
 from ..tar.compression import BlobReader, detect_compression
 from ..tar.reader import TarMember, TarReader
-
-if TYPE_CHECKING:
-    from ..store import Store
 
 try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
     from .. import _fastpath  # type: ignore[attr-defined]
@@ -213,12 +211,12 @@ def _hash_stream(f: BinaryIO, size: int, h: DualHasher, out: BinaryIO | None) ->
 
 
 class _Importer:
-    def __init__(self, store: Store, progress: Callable[[int], None] | None) -> None:
-        self.store = store
-        self.idx = store.index
-        self.lease = store.lease.id
+    def __init__(self, repo: Repo, progress: Callable[[int], None] | None) -> None:
+        self.repo = repo
+        self.idx = repo.index
+        self.lease = repo.lease.id
         self.progress = progress
-        self.stage = store.new_staging_dir("import")
+        self.stage = repo.new_staging_dir("import")
         self.obj_stage = os.path.join(self.stage, "objects")
         os.mkdir(self.obj_stage)
         # Opened before anything is staged: a writeback error on this filesystem from here on
@@ -488,7 +486,7 @@ class _Importer:
                     continue
                 # A record being unlinked by gc (doomed) is as good as gone: write our own.
                 if txn.get(b3, db=objs) is not None and txn.get(b3, db=doomed) is None:
-                    protocol.pin_objects(self.idx, txn, self.lease, [b3])
+                    leases.pin_objects(self.idx, txn, self.lease, [b3])
                     self.pinned.add(b3)
                 else:
                     lost[b3] = (sha, size, data)
@@ -558,7 +556,7 @@ class _Importer:
         idx = self.idx
         objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
         for _attempt in range(600):
-            live = protocol.LivenessChecker(self.store.leases_dir, own=self.lease)
+            live = leases.LivenessChecker(self.repo.leases_dir, own=self.lease)
             busy = False
             with idx.write() as txn:
                 # Check every digest before renaming anything: an aborted attempt must leave
@@ -576,11 +574,11 @@ class _Importer:
                     txn.abort()
                 else:
                     new = [item for item in batch if txn.get(item[1], db=objs) is None]
-                    self._rename_all([(src, self.store.object_path(b3)) for src, b3, _, _ in new])
+                    self._rename_all([(src, self.repo.object_path(b3)) for src, b3, _, _ in new])
                     for _src, b3, sha, size in new:
                         idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
                         txn.put(sha, b3, db=shadb)
-                    protocol.pin_objects(idx, txn, self.lease, [b3 for _, b3, _, _ in batch])
+                    leases.pin_objects(idx, txn, self.lease, [b3 for _, b3, _, _ in batch])
                     syncfs(dfd)  # the renames are durable before the records commit
             if not busy:
                 self.pinned.update(b3 for _, b3, _, _ in batch)
@@ -590,7 +588,7 @@ class _Importer:
 
 
 def import_tar(
-    store: Store,
+    repo: Repo,
     stream: BinaryIO,
     progress: Callable[[int], None] | None = None,
     source: str = "",
@@ -605,14 +603,14 @@ def import_tar(
     is; a blob that differs is refused before anything is published.
     """
     t0 = time.monotonic()
-    known = _known_blob(store, stream, expect) if shortcut else None
+    known = _known_blob(repo, stream, expect) if shortcut else None
     if known is not None:
         if not image_owned:
-            store._mark_standalone(bytes.fromhex(known.diff_id[7:]))
+            layers.mark_standalone(repo, bytes.fromhex(known.diff_id[7:]))
         known.seconds = time.monotonic() - t0
         return known
     return run_import(
-        store, lambda imp: (stream, None), progress, source, image_owned, expect=expect
+        repo, lambda imp: (stream, None), progress, source, image_owned, expect=expect
     )
 
 
@@ -653,7 +651,7 @@ class ImportHooks:
 
 
 def run_import(
-    store: Store,
+    repo: Repo,
     make_stream: Callable[[_Importer], tuple[BinaryIO, ImportHooks | None]],
     progress: Callable[[int], None] | None,
     source: str,
@@ -665,7 +663,7 @@ def run_import(
     gets the importer so a partial import can assemble files in its staging directory).
     ``expect`` is checked once the blob is read, before anything is published."""
     t0 = time.monotonic()
-    imp = _Importer(store, progress=None)
+    imp = _Importer(repo, progress=None)
     blob: BlobReader | None = None
     try:
         stream, hooks = make_stream(imp)
@@ -692,7 +690,8 @@ def run_import(
         result.compression = compression
         result.diff_id = "sha256:" + diff_id.hex()
         result.compressed_digest = "sha256:" + comp_digest.hex() if record_compressed else ""
-        outcome = store._commit_layer(
+        outcome = protocol.commit_layer(
+            repo,
             diff_id,
             comp_digest if record_compressed else None,
             bytes.fromhex(result.manifest),
@@ -718,13 +717,13 @@ def run_import(
         if imp.tiny:
             from .chunkindex import record_tiny
 
-            record_tiny(store, imp.tiny)
-        if not present and hooks is None and store.index_chunks:
+            record_tiny(repo, imp.tiny)
+        if not present and hooks is None and repo.index_chunks:
             # Plain tar: cut its new objects as containers/storage would, so later
             # zstd:chunked pulls find their chunks (a hint index; after the commit).
             from .chunkindex import index_layer
 
-            result.stats.update(index_layer(store, bytes.fromhex(result.manifest)))
+            result.stats.update(index_layer(repo, bytes.fromhex(result.manifest)))
         result.new_objects = imp.staged_new
         result.new_bytes = imp.staged_bytes
         result.reused_objects = imp.reused
@@ -747,12 +746,12 @@ def run_import(
         imp.writers.shutdown(wait=True, cancel_futures=True)
         imp.flusher.shutdown(wait=True, cancel_futures=True)
         os.close(imp.stage_fd)
-        store.release_import_pins(imp.pinned)
+        protocol.release_import_pins(repo, imp.pinned)
         shutil.rmtree(imp.stage, ignore_errors=True)
 
 
 def _known_blob(
-    store: Store, stream: BinaryIO, expect: Expected | None = None
+    repo: Repo, stream: BinaryIO, expect: Expected | None = None
 ) -> ImportResult | None:
     """For a regular file: if its sha256 is a compressed digest of a stored layer, that layer
     *is* this blob -- nothing to parse or write.  One sequential read (~1.5 GB/s of sha256)
@@ -769,8 +768,8 @@ def _known_blob(
     size = st.st_size - start
     if size <= 0:
         return None  # nothing (more) to read: the normal path reports it
-    with store.index.read() as txn:
-        if not store.index.has_blob_of_size(txn, size):
+    with repo.index.read() as txn:
+        if not repo.index.has_blob_of_size(txn, size):
             return None  # no stored blob has this size: not worth a read of the whole file
     h = hashlib.sha256()
     while chunk := stream.read(_READ):
@@ -779,7 +778,7 @@ def _known_blob(
     comp = h.digest()
     if expect is not None:
         expect.check_blob(comp, size)
-    idx = store.index
+    idx = repo.index
     with idx.read() as txn:
         alias = txn.get(comp, db=idx.db[b"compressed"])
         diff_id = bytes(alias) if alias is not None else b""
@@ -1005,7 +1004,7 @@ def tar_directory(root: str, out: BinaryIO) -> None:
 
 
 def import_directory(
-    store: Store, root: str, progress: Callable[[int], None] | None = None
+    repo: Repo, root: str, progress: Callable[[int], None] | None = None
 ) -> ImportResult:
     if not os.path.isdir(root):
         raise InvalidInputError(f"{root} is not a directory")
@@ -1025,7 +1024,7 @@ def import_directory(
     t.start()
     with open(rfd, "rb", buffering=1 << 20) as r:
         try:
-            result = import_tar(store, r, progress, source=f"dir:{os.path.abspath(root)}")
+            result = import_tar(repo, r, progress, source=f"dir:{os.path.abspath(root)}")
         finally:
             r.close()
             t.join()
@@ -1035,3 +1034,31 @@ def import_directory(
 
 
 __all__ = ["Expected", "ImportResult", "import_tar", "import_directory", "detect_compression"]
+
+
+def import_path(
+    repo: Repo,
+    path: str,
+    progress: Callable[[int], None] | None = None,
+    *,
+    shortcut: bool = True,
+    image_owned: bool = False,
+) -> ImportResult:
+    """Import from a tar file or a directory.  A tar file whose sha256 is already a stored
+    layer's compressed digest is recognised without being parsed (``shortcut=False`` forces
+    the full import)."""
+    if os.path.isdir(path):
+        return import_directory(repo, path, progress)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot open {path}: {exc.strerror}") from None
+    with f:
+        return import_tar(
+            repo,
+            f,
+            progress,
+            source=os.path.abspath(path),
+            shortcut=shortcut,
+            image_owned=image_owned,
+        )

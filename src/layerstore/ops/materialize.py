@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..core.fsutil import Cloner, CopyMethod, open_beneath, rename_noreplace, syncfs
 from ..core.manifest import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, read_manifest
 from ..core.paths import WHITEOUT_PREFIX, parent, whiteout_target
+from ..core.repo import Repo
 from ..errors import CorruptObjectError, DestinationError, InvalidInputError, UnsafePathError
 
 try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
@@ -55,8 +56,6 @@ _METHODS = {
 }
 _STAGES = {1: "create", 2: "open object", 3: "copy data", 4: "chown", 5: "chmod", 6: "times"}
 
-if TYPE_CHECKING:
-    from ..store import Store
 
 MODES = ("reflink", "copy", "hardlink")
 _DIR_CACHE = 16
@@ -83,8 +82,8 @@ class MaterializeResult:
 
 
 class _Builder:
-    def __init__(self, store: Store, root_fd: int, mode: str, result: MaterializeResult) -> None:
-        self.store = store
+    def __init__(self, repo: Repo, root_fd: int, mode: str, result: MaterializeResult) -> None:
+        self.repo = repo
         self.root_fd = root_fd
         self.mode = mode
         self.result = result
@@ -349,7 +348,7 @@ class _Builder:
                 if owner_changed and not is_root:
                     self.skip("ownership")
                 if e.digest is not None and e.inline is None:
-                    src: bytes | None = os.fsencode(self.store.object_path(e.digest))
+                    src: bytes | None = os.fsencode(self.repo.object_path(e.digest))
                     inline = None
                 else:
                     src, inline = None, e.inline or b""
@@ -421,7 +420,7 @@ class _Builder:
                 method = CopyMethod.INLINE
             elif e.digest is not None:
                 try:
-                    sfd = os.open(self.store.object_path(e.digest), os.O_RDONLY | os.O_CLOEXEC)
+                    sfd = os.open(self.repo.object_path(e.digest), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise CorruptObjectError(
                         f"object {e.digest.hex()} for {e.path!r} is missing from the store; "
@@ -447,7 +446,7 @@ class _Builder:
         name = os.path.basename(e.path)
         self._clear(pfd, name)
         try:
-            os.link(self.store.object_path(e.digest), name, dst_dir_fd=pfd)
+            os.link(self.repo.object_path(e.digest), name, dst_dir_fd=pfd)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
                 # other fs / link limit: fall back to a real file
@@ -551,7 +550,7 @@ class _Place:
     stage: str  # the staging directory's name, inside parent_fd
 
 
-def _prepare(store: Store, dest: str, mode: str) -> _Place:
+def _prepare(repo: Repo, dest: str, mode: str) -> _Place:
     if mode not in MODES:
         raise InvalidInputError(f"materialize mode must be one of {', '.join(MODES)}")
     dest = os.path.abspath(dest)
@@ -564,7 +563,7 @@ def _prepare(store: Store, dest: str, mode: str) -> _Place:
         raise DestinationError(f"parent directory {dparent} does not exist") from None
     st = os.fstat(pfd)
     name = os.path.basename(dest)
-    stage = f".{name}.layerstore-{store.lease.id.hex()[:12]}-{os.getpid()}"
+    stage = f".{name}.layerstore-{repo.lease.id.hex()[:12]}-{os.getpid()}"
     try:
         os.mkdir(stage, 0o700, dir_fd=pfd)
     except BaseException:
@@ -697,7 +696,7 @@ def _publish(
 
 @contextlib.contextmanager
 def _building(
-    store: Store,
+    repo: Repo,
     dest: str,
     mode: str,
     progress: Callable[[int], None] | None,
@@ -710,7 +709,7 @@ def _building(
     applies the root's metadata, syncs and renames the tree into place.
     """
     t0 = time.monotonic()
-    place = _prepare(store, dest, mode)
+    place = _prepare(repo, dest, mode)
     pfd = place.parent_fd
     try:
         root_fd = os.open(
@@ -721,7 +720,7 @@ def _building(
         os.close(pfd)
         raise
     result = MaterializeResult(dest=place.dest)
-    b = _Builder(store, root_fd, mode, result)
+    b = _Builder(repo, root_fd, mode, result)
     b.progress = progress
     b.ordered = ordered
 
@@ -742,7 +741,7 @@ def _building(
 
 
 def materialize(
-    store: Store,
+    repo: Repo,
     manifest_b3: bytes,
     dest: str,
     *,
@@ -761,8 +760,8 @@ def materialize(
     ``overlay``: write whiteouts the way overlayfs reads them in a lower directory.
     """
     nworkers = workers or min(4, (os.cpu_count() or 1) + 1)
-    with _building(store, dest, mode, progress, ordered, sync) as (b, publish):
-        manifest = store.object_path(manifest_b3)
+    with _building(repo, dest, mode, progress, ordered, sync) as (b, publish):
+        manifest = repo.object_path(manifest_b3)
         root_entry = _apply_layer(
             b, manifest, mode, nworkers, progress, "overlay" if overlay else "keep"
         )
@@ -773,7 +772,7 @@ def materialize(
 
 
 def materialize_flat(
-    store: Store,
+    repo: Repo,
     manifests: list[bytes],
     dest: str,
     *,
@@ -791,9 +790,9 @@ def materialize_flat(
     caller has pinned the layers.
     """
     # Paths are replaced across layers: strict order, one thread.
-    with _building(store, dest, mode, progress, True, sync) as (b, publish):
+    with _building(repo, dest, mode, progress, True, sync) as (b, publish):
         root_entry: Entry | None = None
-        paths = [store.object_path(m) for m in manifests]
+        paths = [repo.object_path(m) for m in manifests]
         for manifest in paths:
             b.apply_whiteouts(manifest)
             root_entry = _apply_layer(b, manifest, mode, 1, progress, "skip") or root_entry
@@ -801,3 +800,36 @@ def materialize_flat(
             _dir_metadata(b, manifest, missing_ok=True)
         publish(root_entry)
     return b.result
+
+
+def materialize_diff_dirs(
+    repo: Repo,
+    manifests: list[bytes],
+    dest: str,
+    *,
+    mode: str = "reflink",
+    progress: Callable[[int], None] | None = None,
+    sync: bool = True,
+) -> list[MaterializeResult]:
+    """One overlayfs-ready lower directory per layer under ``dest/`` (``0``, ``1``, ...
+    bottom first), whiteouts written as overlayfs reads them.  All or nothing, like the
+    flattened form: a failing layer drops the ones already built.  The caller has pinned the
+    layers and checked that ``dest`` does not exist."""
+    os.mkdir(dest, 0o755)
+    try:
+        return [
+            materialize(
+                repo,
+                m,
+                os.path.join(dest, str(i)),
+                mode=mode,
+                progress=progress,
+                sync=sync,
+                ordered=True,
+                overlay=True,
+            )
+            for i, m in enumerate(manifests)
+        ]
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise

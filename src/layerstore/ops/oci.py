@@ -23,13 +23,16 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from ..errors import InvalidInputError, LayerstoreError, NotFoundError
+from ..core import images
+from ..core.images import check_image_name
+from ..core.repo import Repo
+from ..errors import InvalidInputError, NotFoundError
+from ..sources.base import FileSource
+from . import export
 from .ingest import Expected, import_tar
-
-if TYPE_CHECKING:
-    from ..store import Store
+from .partial import import_chunked
 
 MAX_JSON: Final = 4 << 20
 INDEX_TYPES: Final = {
@@ -172,17 +175,6 @@ def is_chunked(desc: dict[str, Any]) -> bool:
     )
 
 
-def check_image_name(name: str) -> None:
-    """An image name is an LMDB key and a tag: 1-255 bytes of UTF-8, no NUL.  Checked before
-    an image import reads any layer, so a bad name cannot cost a whole import."""
-    try:
-        raw = name.encode()
-    except UnicodeEncodeError:
-        raw = b""
-    if not raw or len(raw) > 255 or "\x00" in name:
-        raise InvalidInputError(f"bad image name {name!r} (1-255 bytes of UTF-8, no NUL)")
-
-
 def _diff_ids(config: dict[str, Any], what: str, n: int) -> list[str]:
     """The config's ``rootfs.diff_ids``: one sha256 digest per layer (checked up front)."""
     diff_ids = (config.get("rootfs") or {}).get("diff_ids")
@@ -195,9 +187,9 @@ def _diff_ids(config: dict[str, Any], what: str, n: int) -> list[str]:
     return diff_ids
 
 
-def _absent(store: Store, diff_id: str) -> bool:
-    with store.index.read() as txn:
-        return store.index.get_layer(txn, bytes.fromhex(diff_id[7:])) is None
+def _absent(repo: Repo, diff_id: str) -> bool:
+    with repo.index.read() as txn:
+        return repo.index.get_layer(txn, bytes.fromhex(diff_id[7:])) is None
 
 
 def _check_layer(r: Any, i: int, label: str, want: str, created: list[str]) -> None:
@@ -213,22 +205,8 @@ def _check_layer(r: Any, i: int, label: str, want: str, created: list[str]) -> N
         )
 
 
-def _rollback(store: Store, created: list[str]) -> None:
-    """A failed image import removes the layers it created: nothing half-imported stays.
-
-    Only layers this import committed and that nothing held before it (no image, not
-    imported directly) are dropped; their objects are then gc-able garbage.  Runs for any
-    exception, KeyboardInterrupt included; a process killed outright leaves the layers it
-    committed (docs/concurrency.md, "Image import")."""
-    for diff_id in created:
-        try:
-            store._release_image_layer(diff_id)
-        except LayerstoreError:
-            pass
-
-
 def import_layout(
-    store: Store,
+    repo: Repo,
     path: str,
     ref: str | None = None,
     name: str | None = None,
@@ -283,7 +261,7 @@ def import_layout(
         for i, (d, want) in enumerate(zip(layers, diff_ids, strict=True)):
             blob = layout.blob_path(d)
             ann = d.get("annotations")
-            if _absent(store, want):
+            if _absent(repo, want):
                 # Listed before the import, so an interrupt between the layer's commit and
                 # the return of the import still rolls it back (only if nothing holds it).
                 created.append(want)
@@ -291,9 +269,16 @@ def import_layout(
                 # The TOC is trusted by the manifest's checksum, the replayed DiffID must equal
                 # the config's before the layer commits (partial.py); the whole blob is never
                 # read, so its digest cannot be checked.
-                r = store.import_chunked(
-                    blob, ann, expected_diff_id=want, image_owned=True, toc_only=toc_only
-                )
+                with FileSource(blob) as src:
+                    r = import_chunked(
+                        repo,
+                        src,
+                        ann,
+                        expected_diff_id=want,
+                        source_name=f"file:{os.path.abspath(blob)}",
+                        image_owned=True,
+                        toc_only=toc_only,
+                    )
             else:
                 expect = Expected(
                     what=f"layer {i} ({d['digest']})",
@@ -306,7 +291,7 @@ def import_layout(
                 except OSError as exc:
                     raise InvalidInputError(f"cannot open {blob}: {exc.strerror}") from None
                 with f:
-                    r = import_tar(store, f, source=blob, image_owned=True, expect=expect)
+                    r = import_tar(repo, f, source=blob, image_owned=True, expect=expect)
             _check_layer(r, i, d["digest"], want, created)
             result.layers.append(r.diff_id)
             info = {
@@ -321,11 +306,11 @@ def import_layout(
             result.per_layer.append(info)
             if on_layer is not None:
                 on_layer(i, len(layers), info)
-        store._commit_image(name, mbytes, cbytes, result.layers, mdesc.get("mediaType", ""))
+        images.commit_image(repo, name, mbytes, cbytes, result.layers, mdesc.get("mediaType", ""))
     except BaseException:
-        _rollback(store, created)
+        images.rollback_layers(repo, created)
         raise
-    result.unproved = ["sha256:" + h for h in store.image(name)["unproved"]]
+    result.unproved = ["sha256:" + h for h in images.get_image(repo, name)["unproved"]]
     result.new_layers = sum(1 for x in result.per_layer if x["new"])
     result.reused_layers = len(result.layers) - result.new_layers
     result.seconds = time.monotonic() - t0
@@ -343,7 +328,7 @@ _LAYER_MT: Final = {
 }
 
 
-def export_layout(store: Store, name: str, path: str, compression: str = "gzip") -> dict[str, Any]:
+def export_layout(repo: Repo, name: str, path: str, compression: str = "gzip") -> dict[str, Any]:
     """Write image ``name`` as an OCI image layout at ``path`` (created; tag = the name).
 
     Layers are rebuilt byte for byte from their tar-splits (so the config's diff_ids hold) and
@@ -359,7 +344,7 @@ def export_layout(store: Store, name: str, path: str, compression: str = "gzip")
 
     if compression not in _LAYER_MT:
         raise InvalidInputError(f"compression must be one of {', '.join(_LAYER_MT)}")
-    im = store.image(name)
+    im = images.get_image(repo, name)
     if os.path.lexists(path):
         raise InvalidInputError(f"{path} exists; export writes a new layout directory")
     parent_dir = os.path.dirname(os.path.abspath(path)) or "."
@@ -389,16 +374,18 @@ def export_layout(store: Store, name: str, path: str, compression: str = "gzip")
             extra: dict[str, Any] = {}
             with open(tmp, "wb") as raw:
                 if compression == "zstd:chunked":
-                    extra["annotations"] = store.export_chunked(h, raw).annotations
+                    extra["annotations"] = export.export_chunked(
+                        repo, bytes.fromhex(h), raw
+                    ).annotations
                 elif compression == "gzip":
                     with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as z:
-                        store.export_layer(h, z)  # type: ignore[arg-type]
+                        export.export_layer(repo, bytes.fromhex(h), z)  # type: ignore[arg-type]
                 elif compression == "zstd":
                     cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
                     with cctx.stream_writer(raw, closefd=False) as z:
-                        store.export_layer(h, z)  # type: ignore[arg-type]
+                        export.export_layer(repo, bytes.fromhex(h), z)  # type: ignore[arg-type]
                 else:
-                    store.export_layer(h, raw)
+                    export.export_layer(repo, bytes.fromhex(h), raw)
             layers.append({"mediaType": _LAYER_MT[compression], **put_file(tmp), **extra})
         config = base64.b64decode(im["config_json"])
         cdesc = put_bytes(config)
@@ -433,7 +420,7 @@ def export_layout(store: Store, name: str, path: str, compression: str = "gzip")
     return {"image": name, "layout": path, "manifest": mdesc["digest"], "layers": layers}
 
 
-def import_docker_archive(store: Store, path: str, name: str | None = None) -> ImageResult:
+def import_docker_archive(repo: Repo, path: str, name: str | None = None) -> ImageResult:
     """Import the (first) image of a ``docker save`` archive.
 
     The archive is a tar holding ``manifest.json`` (``Config``, ``RepoTags``, ``Layers``), the
@@ -489,19 +476,19 @@ def import_docker_archive(store: Store, path: str, name: str | None = None) -> I
                     raise InvalidInputError(f"{path}: layer {i} ({lname!r}) is not in the archive")
                 f = tf.extractfile(m)
                 assert f is not None
-                if _absent(store, want):
+                if _absent(repo, want):
                     created.append(want)  # as in import_layout: rolled back however it ends
                 expect = Expected(what=f"layer {i} ({lname!r})", diff_id=bytes.fromhex(want[7:]))
-                r = import_tar(store, f, source=f"{path}:{lname}", image_owned=True, expect=expect)
+                r = import_tar(repo, f, source=f"{path}:{lname}", image_owned=True, expect=expect)
                 _check_layer(r, i, lname, want, created)
                 result.layers.append(r.diff_id)
             mbytes = json.dumps(entry, sort_keys=True).encode()
             result.manifest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
-            store._commit_image(
-                name, mbytes, cfg_bytes, result.layers, "application/x-docker-save-entry"
+            images.commit_image(
+                repo, name, mbytes, cfg_bytes, result.layers, "application/x-docker-save-entry"
             )
         except BaseException:
-            _rollback(store, created)
+            images.rollback_layers(repo, created)
             raise
     result.new_layers = len(created)
     result.reused_layers = len(result.layers) - len(created)

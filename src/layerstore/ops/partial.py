@@ -34,38 +34,34 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import zstandard
 
 from ..chunked.toc import (
     TAR_TYPES,
     TYPEFLAG,
-    ChunkedError,
     ChunkRef,
     Located,
-    RangeSource,
     Segment,
     TocEntry,
-    coalesce,
     data_end,
     decode_frame,
     locate,
     parse_tarsplit,
     parse_toc,
 )
-from ..core import protocol
+from ..core import layers, leases, protocol
 from ..core.digests import DigestSet
 from ..core.fsutil import clone_range
 from ..core.index import UNPROVED, layer_unproved
 from ..core.paths import normalize
-from ..errors import CorruptObjectError, InvalidInputError
+from ..core.repo import Repo
+from ..errors import ChunkedError, CorruptObjectError, InvalidInputError
+from ..sources.base import RangeSource, coalesce
 from ..tar.reader import TarMember
 from . import chunkindex
 from .ingest import INLINE_MAX, ImportHooks, ImportResult, _Importer, run_import
-
-if TYPE_CHECKING:
-    from ..store import Store
 
 _PIECE: Final = 1 << 20
 # A header gap may expand at most this much (zstd bombs between payload frames).
@@ -178,7 +174,7 @@ class _Partial(ImportHooks):
 
     def __init__(
         self,
-        store: Store,
+        repo: Repo,
         imp: _Importer,
         source: RangeSource,
         loc: Located,
@@ -190,7 +186,7 @@ class _Partial(ImportHooks):
         expected_diff_id: bytes | None = None,
         toc_only: bool = False,
     ) -> None:
-        self.store = store
+        self.repo = repo
         self.expected_diff_id = expected_diff_id
         self.toc_only = toc_only
         # One decompression context for the whole import: making one per frame (thousands of
@@ -211,10 +207,10 @@ class _Partial(ImportHooks):
 
     # planning ---------------------------------------------------------------------------
     def _plan(self) -> None:
-        idx = self.store.index
+        idx = self.repo.index
         objs, doomed = idx.db[b"objects"], idx.db[b"doomed"]
         shadb, chunkdb = idx.db[b"sha256"], idx.db[b"chunks"]
-        lease = self.store.lease.id
+        lease = self.repo.lease.id
         with idx.write() as txn:
 
             def usable(b3: bytes) -> bool:
@@ -269,7 +265,7 @@ class _Partial(ImportHooks):
                         plan.staged = os.path.join(self.imp.obj_stage, f"assemble-{n}.tmp")
                 self.plans[e.name] = plan
                 self.order.append(plan)
-            protocol.pin_objects(idx, txn, lease, self.pins)
+            leases.pin_objects(idx, txn, lease, self.pins)
         st = self.stats
         for p in self.order:
             if p.kind in ("object", "inline"):
@@ -374,7 +370,7 @@ class _Partial(ImportHooks):
         if plan.kind == "inline":
             gen = iter((plan.data,))
         elif plan.kind == "object":
-            gen = self._read_file(self.store.object_path(plan.b3), e.size)
+            gen = self._read_file(self.repo.object_path(plan.b3), e.size)
         elif plan.kind == "assemble":
             self._assemble(plan)
             gen = self._read_file(plan.staged, e.size)
@@ -452,7 +448,7 @@ class _Partial(ImportHooks):
 
     def _reuse_chunk(self, fd: int, pt: _Part, bs: int, e: TocEntry) -> None:
         c, st = pt.chunk, self.stats
-        src = os.open(self.store.object_path(pt.b3), os.O_RDONLY | os.O_CLOEXEC)
+        src = os.open(self.repo.object_path(pt.b3), os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = os.pread(src, c.size, pt.src_offset)
             if len(data) != c.size or hashlib.sha256(data).digest() != c.digest:
@@ -704,7 +700,7 @@ class _Stream:
 
 
 def import_chunked(
-    store: Store,
+    repo: Repo,
     source: RangeSource,
     annotations: dict[str, str] | None = None,
     *,
@@ -733,7 +729,7 @@ def import_chunked(
             raise InvalidInputError(f"{expected_diff_id!r} is not a sha256 DiffID") from None
         if len(want_diff) != 32:
             raise InvalidInputError(f"{expected_diff_id!r} is not a sha256 DiffID")
-        known = _known_layer(store, expected_diff_id, image_owned, toc_only)
+        known = _known_layer(repo, expected_diff_id, image_owned, toc_only)
         if known is not None:
             stats.diff_id_proof = "already stored"
             known.partial = stats.to_json()
@@ -781,7 +777,7 @@ def import_chunked(
 
     def make_stream(imp: _Importer) -> tuple[BinaryIO, ImportHooks]:
         hooks = _Partial(
-            store,
+            repo,
             imp,
             source,
             loc,
@@ -797,16 +793,16 @@ def import_chunked(
 
     try:
         result = run_import(
-            store, make_stream, None, source_name, image_owned, record_compressed=False
+            repo, make_stream, None, source_name, image_owned, record_compressed=False
         )
     finally:
-        store.release_import_pins(pins)
-    chunkindex.record_toc(store, toc.entries)
+        protocol.release_import_pins(repo, pins)
+    chunkindex.record_toc(repo, toc.entries)
     return result
 
 
 def _known_layer(
-    store: Store, diff_id: str, image_owned: bool, toc_only: bool
+    repo: Repo, diff_id: str, image_owned: bool, toc_only: bool
 ) -> ImportResult | None:
     """The layer is stored already (the image config names its DiffID): read nothing.
 
@@ -817,14 +813,14 @@ def _known_layer(
         key = bytes.fromhex(diff_id.removeprefix("sha256:"))
     except ValueError:
         raise InvalidInputError(f"{diff_id!r} is not a sha256 DiffID") from None
-    with store.index.read() as txn:
-        rec = store.index.get_layer(txn, key)
+    with repo.index.read() as txn:
+        rec = repo.index.get_layer(txn, key)
     if rec is None or rec.get("state") != "live" or rec.get("damaged"):
         return None
     if layer_unproved(rec) and not toc_only:
         return None
     if not image_owned:
-        store._mark_standalone(key)
+        layers.mark_standalone(repo, key)
     return ImportResult.stored(key, rec)
 
 

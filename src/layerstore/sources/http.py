@@ -41,8 +41,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-from ..chunked.toc import ChunkedError
-from ..errors import SourceError
+from ..errors import ChunkedError, SourceError
 
 _PIECE: Final = 1 << 20
 MERGE_GAP: Final = 100
