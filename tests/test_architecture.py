@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
-import importgraph  # noqa: E402
+import importgraph
 
 
 def test_no_import_cycles() -> None:

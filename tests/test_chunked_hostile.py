@@ -52,8 +52,8 @@ from test_hostile import index_dump, object_files
 
 from layerstore import InvalidInputError, Store, UnsafePathError
 from layerstore.errors import ChunkedError
-from layerstore.sources.base import FileSource
 from layerstore.ops.partial import import_chunked
+from layerstore.sources.base import FileSource
 
 TRUST = ["annotations", "footer"]  # TOC located (and trusted) via annotations, or bare blob
 # The big tables: the trust mode does not change what is checked after the TOC is read, so

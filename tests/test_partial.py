@@ -28,8 +28,8 @@ from conftest import LoopFS, need_corpus
 from layerstore import Store
 from layerstore.chunked.chunker import crc64_iso
 from layerstore.chunked.toc import locate
-from layerstore.sources.base import FileSource, read_range
 from layerstore.core.fsutil import shared_bytes
+from layerstore.sources.base import FileSource, read_range
 
 HERE = Path(__file__).parent
 
