@@ -163,7 +163,7 @@ class Env:
     def run(self, blob: ChunkedBlob | bytes, ann: dict[str, str] | None, **kw: Any) -> Any:
         p = self.write(blob)
         with FileSource(str(p)) as src:
-            return import_chunked(self.store, src, ann, **kw)
+            return import_chunked(self.store.repo, src, ann, **kw)
 
     def accept(self, blob: ChunkedBlob, trust: str = "annotations", **kw: Any) -> Any:
         return self.run(blob, blob.annotations if trust == "annotations" else None, **kw)
@@ -181,7 +181,7 @@ class Env:
         before, files_before = store_state(self.store), self.snapshot()
         try:
             with FileSource(str(p)) as src:
-                res = import_chunked(self.store, src, ann, **kw)
+                res = import_chunked(self.store.repo, src, ann, **kw)
         except Exception as e:  # checked below, after the cleanliness checks
             err = e
         else:

@@ -57,7 +57,8 @@ import corpus  # noqa: E402  (tests/corpus.py: cached real data, stdlib only)
 
 import layerstore  # noqa: E402
 from layerstore import Store  # noqa: E402
-from layerstore.core import protocol as ls_leases  # noqa: E402
+from layerstore.core import leases as ls_leases  # noqa: E402
+from layerstore.core import protocol  # noqa: E402
 from layerstore.ops.materialize import materialize as raw_materialize  # noqa: E402
 
 # GNU tar the way a container engine extracts a layer (as root it also keeps owners and modes).
@@ -1381,7 +1382,7 @@ def _pin_cost(
             return st.materialize(diff_id, str(dest))
 
         def direct() -> Any:
-            return raw_materialize(st, mb3, str(dest))
+            return raw_materialize(st.repo, mb3, str(dest))
 
         cases = [
             Case(
@@ -1405,7 +1406,7 @@ def _pin_cost(
             t0 = time.perf_counter()
             with idx.write() as txn:
                 ls_leases.pin_layer(idx, txn, st.lease.id, raw_diff)
-            st._unpin_layer(raw_diff)
+            protocol.unpin_layer(st.repo, raw_diff)
             txn_samples.append(time.perf_counter() - t0)
     api_s, direct_s = cases[0].summary, cases[1].summary
     overhead = 100 * (api_s.median / direct_s.median - 1)
@@ -1520,7 +1521,7 @@ def _bench_fsck(root: Path, args: argparse.Namespace, caches: Caches) -> Section
                 if mode == "cold":
                     caches.drop()
                 t0 = time.perf_counter()
-                rep = run_fsck(st, full=True, jobs=jobs)
+                rep = run_fsck(st.repo, full=True, jobs=jobs)
                 took = time.perf_counter() - t0
                 if rep.problems:
                     raise RuntimeError(f"fsck found problems in a fresh store: {rep.problems}")
