@@ -305,6 +305,31 @@ class Index:
     def put_object(self, txn: lmdb.Transaction, b3: bytes, rec: ObjectRecord) -> None:
         txn.put(b3, rec.pack(), db=self.db[b"objects"])
 
+    def has_object(self, txn: lmdb.Transaction, b3: bytes) -> bool:
+        """Is there a record for this digest (without decoding it)?"""
+        return txn.get(b3, db=self.db[b"objects"]) is not None
+
+    def put_sha256(self, txn: lmdb.Transaction, sha: bytes, b3: bytes) -> None:
+        """Record the sha256 -> blake3 mapping of new content (sha256 lookups: OCI, fsck)."""
+        txn.put(sha, b3, db=self.db[b"sha256"])
+
+    # -- doomed: objects a gc is unlinking (docs/concurrency.md, reaping) -------------------
+    def any_doomed(self, txn: lmdb.Transaction) -> bool:
+        """Is any gc mid-unlink?  (One stat: the common case checks nothing per digest.)"""
+        return bool(txn.stat(self.db[b"doomed"])["entries"])
+
+    def is_doomed(self, txn: lmdb.Transaction, b3: bytes) -> bool:
+        return txn.get(b3, db=self.db[b"doomed"]) is not None
+
+    def doomed_by(self, txn: lmdb.Transaction, b3: bytes) -> bytes | None:
+        """The lease of the gc that doomed this digest, if one did."""
+        owner: bytes | None = txn.get(b3, db=self.db[b"doomed"])
+        return owner
+
+    def undoom(self, txn: lmdb.Transaction, b3: bytes) -> None:
+        """Void a dead gc's intent to unlink this digest."""
+        txn.delete(b3, db=self.db[b"doomed"])
+
     def add_refs(self, txn: lmdb.Transaction, b3: bytes, delta: int) -> ObjectRecord:
         """Change an object's reference count; a missing record here is index corruption."""
         rec = self.get_object(txn, b3)

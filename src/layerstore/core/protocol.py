@@ -32,6 +32,9 @@ from .digests import DigestSet, parse_hex
 from .index import blob_size_key, layer_unproved
 from .repo import Repo
 
+# Object pins released per write transaction.
+_UNPIN_BATCH = 4096
+
 
 # -- import: pins become references ----------------------------------------------------------
 def commit_layer(
@@ -124,8 +127,19 @@ def release_import_pins(repo: Repo, pinned: DigestSet) -> None:
     them once nothing references them)."""
     if not pinned:
         return
-    with repo.index.write() as txn:
-        leases.unpin_objects(repo.index, txn, repo.lease.id, pinned)
+    # In bounded batches (invariant 6): a million-object import must not hold the write lock
+    # for one unpin transaction of a million deletes.  Releasing in parts is safe: a pin only
+    # ever protects, so a half-released set protects a superset of what is needed.
+    batch: list[bytes] = []
+    for d in pinned:
+        batch.append(d)
+        if len(batch) >= _UNPIN_BATCH:
+            with repo.index.write() as txn:
+                leases.unpin_objects(repo.index, txn, repo.lease.id, batch)
+            batch = []
+    if batch:
+        with repo.index.write() as txn:
+            leases.unpin_objects(repo.index, txn, repo.lease.id, batch)
 
 
 # -- readers: pin a layer, read it, unpin it -----------------------------------------------------

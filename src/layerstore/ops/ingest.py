@@ -3,19 +3,17 @@
 The import runs in three phases so that bad input never changes what the store shows:
 
 1. **Stream.**  Decompress (format detected by magic bytes; a producer thread), parse the tar
-   and validate every name (the main thread), hash every file (blake3, and sha256 for new
-   content: two writer threads).  Content the index already has is *pinned* (a short write
-   transaction per batch, so gc cannot take it away before our layer references it) and not
-   written again; new content is written to this process's staging directory, named by digest,
-   and a background ``syncfs`` every 16 MiB starts its writeback early.  The manifest is written
-   to staging too, in tar order.  Any error here discards staging and pins: the store is as it
-   was.
-2. **Publish.**  ``syncfs`` makes staged data durable; then, in write transactions of bounded
-   size, each new object is renamed into ``objects/``, recorded (refcount 0) and pinned; a second
-   ``syncfs`` makes the renames durable before the transaction commits.  A crash leaves at worst
-   orphan files or unreferenced records, which gc removes.
-3. **Commit.**  One write transaction adds the layer record and the references its manifest
-   makes, and drops the import's pins.  From this commit on the layer exists.
+   and validate every name (the main thread); file contents go to the import's
+   :class:`~layerstore.core.objects.ObjectWriter`, which hashes them on its writer threads,
+   pins content the index already has and stages the rest.  The manifest is written to
+   staging too, in tar order (an entry waits, bounded, until its content is named).  Any
+   error here discards staging and pins: the store is as it was.
+2. **Publish.**  ``ObjectWriter.publish``: staged objects become durable, are renamed into
+   ``objects/``, recorded (refcount 0) and pinned, in bounded batches.  A crash leaves at
+   worst orphan files or unreferenced records, which gc removes.
+3. **Commit.**  ``core.protocol.commit_layer``: one write transaction adds the layer record and
+   the references its manifest makes, and drops the import's pins.  From this commit on the
+   layer exists.
 
 Pins are held against this process's lease, so a killed import's pins are reclaimed by gc.
 """
@@ -33,16 +31,14 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
 
 import lmdb
 
-from ..core import layers, leases, protocol
-from ..core.digests import DigestSet, DualHasher, blake3_of, sha256_of
-from ..core.fsutil import syncfs
-from ..core.index import ObjectRecord, index_error, layer_unproved
+from ..core import layers, protocol
+from ..core.digests import sha256_of
+from ..core.index import index_error, layer_unproved
 from ..core.manifest import (
     BLOCK,
     CHAR,
@@ -54,21 +50,13 @@ from ..core.manifest import (
     Entry,
     ManifestWriter,
 )
+from ..core.objects import ObjectWriter
 from ..core.paths import PATH_MAX, PathSet, ancestors, normalize
 from ..core.repo import Repo
 from ..core.tarsplit import TarSplitWriter
-from ..errors import ConcurrencyError, InvalidInputError, StoreError, UnsafePathError
+from ..errors import InvalidInputError, StoreError, UnsafePathError
 from ..tar.compression import BlobReader, detect_compression
 from ..tar.reader import TarMember, TarReader
-
-try:  # the optional C fast path (src/layerstore/_fastpath.c); same results without it
-    from .. import _fastpath  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - no compiler where it was installed
-    _fastpath = None
-# An extension built from an older source (a stale in-place build) may lack it.
-_stage_files: Callable[[list[tuple[bytes, bytes]]], list[int]] | None = getattr(
-    _fastpath, "stage_files", None
-)
 
 # Files up to this size are kept in the manifest instead of becoming objects.  composefs uses
 # 64 bytes; docs/architecture.md has the measurement behind keeping that value.
@@ -76,22 +64,8 @@ INLINE_MAX: Final = 64
 # Files up to this size are read into memory and hashed before anything is written, so content
 # already stored is never written again.  Larger files stream through a staging file.
 MEM_MAX: Final = 8 << 20
-# Known-content pins are taken in batches of this many digests or this many held bytes.
-PIN_BATCH: Final = 4096
-PIN_BATCH_BYTES: Final = 64 << 20
-# New objects are published in write transactions of at most this many renames.
-PUBLISH_BATCH: Final = 16384
-# Staged writes go to the writer threads in batches of this many files or bytes, with at most
-# this many batches or bytes in flight.
-_WRITE_BATCH: Final = 64
-_WRITE_BATCH_BYTES: Final = 4 << 20
-_MAX_INFLIGHT: Final = 16
-_MAX_INFLIGHT_BYTES: Final = 64 << 20
-_FLUSH_EVERY: Final = 16 << 20
 # Entries at most waiting for their content's digest before the main thread waits.
 _MAX_WAITING: Final = 8192
-# What a writer thread did with a file's content.
-_NEW, _KNOWN, _DUP = 0, 1, 2
 _READ = 1 << 20
 _U32: Final = (1 << 32) - 1
 _I64_MIN: Final = -(1 << 63)
@@ -180,75 +154,25 @@ class Expected:
             )
 
 
-def _write_new(path: bytes, data: bytes) -> int:
-    """Create (O_EXCL, 0444) and fill one staged file; 0 or an errno (as _fastpath does)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    finally:
-        os.close(fd)
-    return 0
-
-
-def _hash_stream(f: BinaryIO, size: int, h: DualHasher, out: BinaryIO | None) -> None:
-    """Read ``size`` bytes of a member's content, hashing (and copying to ``out``)."""
-    left = size
-    while left:
-        buf = f.read(min(_READ, left))
-        if not buf:
-            raise InvalidInputError("tar stream ends inside a file's data (truncated)")
-        h.update(buf)
-        if out is not None:
-            out.write(buf)
-        left -= len(buf)
-
-
 class _Importer:
-    def __init__(self, repo: Repo, progress: Callable[[int], None] | None) -> None:
+    """One layer's import: the manifest entries in tar order, and the :class:`ObjectWriter`
+    that turns their content into objects.  An entry whose content the writers have not named
+    yet waits (in order, bounded) with every entry behind it."""
+
+    def __init__(self, repo: Repo) -> None:
         self.repo = repo
-        self.idx = repo.index
-        self.lease = repo.lease.id
-        self.progress = progress
         self.stage = repo.new_staging_dir("import")
-        self.obj_stage = os.path.join(self.stage, "objects")
-        os.mkdir(self.obj_stage)
-        # Opened before anything is staged: a writeback error on this filesystem from here on
-        # is reported to publish's syncfs through this descriptor (Linux >= 5.8 reports
-        # syncfs errors per open file, to descriptors opened before the error).
-        self.stage_fd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.fanout_made: set[str] = set()
-        self.pending: list[tuple[bytes, bytes, int, bytes | None]] = []
-        self.pending_bytes = 0
-        self.pinned = DigestSet()  # every object this import pinned (exact, compact)
-        self.staged_new = 0
-        self.staged_bytes = 0
-        # Content for the writer threads: (blake3 or None, sha256 or None, data, waiting entry)
-        self.batch: list[tuple[bytes | None, bytes | None, bytes, Any]] = []
-        self.batch_bytes = 0
+        try:
+            self.objects = ObjectWriter(
+                repo, self.stage, on_named=self._named, on_settled=self._write_settled
+            )
+        except BaseException:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            raise
         # Manifest entries in tar order, each [entry, path, settled]: those behind one whose
         # content digest the writers have not returned yet wait here (bounded).
         self.entries: collections.deque[list[Any]] = collections.deque()
         self.mw: ManifestWriter | None = None
-        # Early writeback: a background syncfs every _FLUSH_EVERY staged bytes, so the one
-        # that publish must wait for finds little left to write.
-        self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-flush")
-        self.flushing: Future[None] | None = None
-        self.unflushed = 0
-        self.known_txn: Any = None
-        self.known_uses = 0
-        self.writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-writer")
-        self.inflight: collections.deque[tuple[Future[list[tuple[bytes, int]]], list[Any]]] = (
-            collections.deque()
-        )
-        self.inflight_bytes = 0
-        self.reused = 0
         self.inline = 0
         self.files = 0
         self.logical = 0
@@ -259,45 +183,12 @@ class _Importer:
         # Inline files' contents by sha256, for zstd:chunked reuse (chunkindex.record_tiny).
         self.tiny: dict[bytes, bytes] = {}
 
-    # staging -----------------------------------------------------------------------------
-    def _fan_dir(self, b3: bytes) -> str:
-        """The staging fan-out directory of a digest, created on first use (by any thread:
-        ``makedirs(exist_ok=True)`` makes a race between the writers harmless)."""
-        fan = b3[:1].hex()
-        d = os.path.join(self.obj_stage, fan)
-        if fan not in self.fanout_made:
-            os.makedirs(d, exist_ok=True)
-            self.fanout_made.add(fan)
-        return d
-
-    def _staged_path(self, b3: bytes, sha: bytes) -> str:
-        return os.path.join(self._fan_dir(b3), b3.hex() + "." + sha.hex())
-
-    def _known(self, b3: bytes) -> bool:
-        """Is this content stored?  A hint only (the pin batch re-checks under the write
-        lock), so one read snapshot serves many lookups; it is renewed often to stay short."""
-        self.known_uses += 1
-        if self.known_txn is None or self.known_uses > 1000:
-            if self.known_txn is not None:
-                self.known_txn.abort()
-            self.known_txn = self.idx.read()
-            self.known_uses = 0
-        return self.known_txn.get(b3, db=self.idx.db[b"objects"]) is not None
-
-    def end_known(self) -> None:
-        if self.known_txn is not None:
-            self.known_txn.abort()
-            self.known_txn = None
-
-    # The in-memory content path: hashed, checked and written by the writer threads -------
     def add_file(self, e: Entry, path: str, data: bytes) -> None:
         """A regular file read into memory: its entry waits (in order) for the writers to
-        name its content.  The main thread only parses; blake3, the "already stored?" lookup,
-        sha256 and the staging write run in the writer threads, one hand-off per batch of
-        ~64 files (a hand-off per file cost more than a small file's syscalls)."""
+        name its content."""
         item = [e, path, False]
         self.entries.append(item)
-        self._queue(None, None, data, item)
+        self.objects.submit(data, item)
         self._bound_waiting()
 
     def emit(self, e: Entry) -> None:
@@ -312,279 +203,30 @@ class _Importer:
         """Keep the waiting entries bounded (an entry can carry megabytes of xattrs): past
         the bound, hand over the partial batch and wait until the oldest entry is named."""
         if len(self.entries) > _MAX_WAITING:
-            self._submit_batch()
+            self.objects.flush_batch()
             while self.entries and not self.entries[0][2]:
-                self._collect()
+                self.objects.collect()
 
-    def _queue(
-        self, b3: bytes | None, sha: bytes | None, data: bytes, item: list[Any] | None
-    ) -> None:
-        self.batch.append((b3, sha, data, item))
-        self.batch_bytes += len(data)
-        if len(self.batch) >= _WRITE_BATCH or self.batch_bytes >= _WRITE_BATCH_BYTES:
-            self._submit_batch()
+    @staticmethod
+    def _named(item: list[Any], b3: bytes) -> None:
+        item[0].digest = b3
+        item[2] = True
 
-    def _submit_batch(self) -> None:
-        if not self.batch:
-            return
-        batch = self.batch
-        self.inflight.append((self.writers.submit(self._write_files, batch), batch))
-        self.inflight_bytes += self.batch_bytes
-        self.batch = []
-        self.batch_bytes = 0
-        while len(self.inflight) > _MAX_INFLIGHT or self.inflight_bytes > _MAX_INFLIGHT_BYTES:
-            self._collect()
-
-    def _collect(self) -> None:
-        """Take the oldest batch's results: name the waiting entries, count what was written,
-        queue what is already stored for pinning; then write out entries now settled."""
-        fut, batch = self.inflight.popleft()
-        results = fut.result()
-        for (b3, status), (_b3, sha, data, item) in zip(results, batch, strict=True):
-            self.inflight_bytes -= len(data)
-            if item is not None:
-                item[0].digest = b3
-                item[2] = True
-            if status == _NEW:
-                self.staged_new += 1
-                self.staged_bytes += len(data)
-                self.unflushed += len(data)
-            elif status == _KNOWN:
-                if self.pinned and b3 in self.pinned:
-                    self.reused += 1
-                else:
-                    self.pending.append((b3, sha or b"", len(data), data))
-                    self.pending_bytes += len(data)
+    def _write_settled(self) -> None:
+        """Write out the entries at the head of the queue whose content is named."""
         entries, hooks = self.entries, self.hooks
         while entries and entries[0][2]:
             e, path, _ = entries.popleft()
             if path and hooks is not None:
-                hooks.content_digest(path, e.digest)  # type: ignore[arg-type]
-            self.mw.add(e)
-        if self.unflushed >= _FLUSH_EVERY and (self.flushing is None or self.flushing.done()):
-            if self.flushing is not None:
-                self.flushing.result()  # a writeback error fails the import here
-            self.unflushed = 0
-            self.flushing = self.flusher.submit(self._flush_early)
+                hooks.content_digest(path, e.digest)
+            self.mw.add(e)  # type: ignore[union-attr]
 
-    def _flush_early(self) -> None:
-        fd = os.open(self.stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def close(self) -> None:
+        """Stop the writers, drop uncommitted pins, discard staging (after commit or not)."""
         try:
-            syncfs(fd)
+            self.objects.close()
         finally:
-            os.close(fd)
-
-    def _write_files(
-        self, batch: list[tuple[bytes | None, bytes | None, bytes, Any]]
-    ) -> list[tuple[bytes, int]]:
-        """A writer thread: (blake3, status) per item.  Content the index has is not written
-        (``_KNOWN``: the main thread pins it); new content is created 0444 under its final
-        staged name ``<b3>.<sha256>``.  The same content twice in one layer meets O_EXCL
-        (``_DUP``).  A crash mid-write leaves a partial file only in this lease's staging
-        directory, which is discarded whole."""
-        out: list[tuple[bytes, int]] = []
-        files: list[tuple[bytes, bytes]] = []
-        where: list[int] = []
-        txn = None
-        objs = self.idx.db[b"objects"]
-        try:
-            for b3, sha, data, _item in batch:
-                if b3 is None:  # hashlib and blake3 release the GIL: this overlaps the parser
-                    b3 = blake3_of(data)
-                    if txn is None:
-                        txn = self.idx.read()
-                    if txn.get(b3, db=objs) is not None:
-                        out.append((b3, _KNOWN))
-                        continue
-                if sha is None:
-                    sha = sha256_of(data)
-                where.append(len(out))
-                out.append((b3, _NEW))
-                files.append((os.fsencode(self._staged_path(b3, sha)), data))
-        finally:
-            if txn is not None:
-                txn.abort()
-        if _stage_files is not None and os.environ.get("LAYERSTORE_FASTPATH", "1") != "0":
-            # One GIL release for the whole batch's syscalls instead of three per file.
-            errs = _stage_files(files)
-        else:
-            errs = [_write_new(path, data) for path, data in files]
-        for i, err, (path, _) in zip(where, errs, files, strict=True):
-            if err == errno.EEXIST:
-                out[i] = (out[i][0], _DUP)
-            elif err:
-                raise OSError(err, os.strerror(err), os.fsdecode(path))
-        return out
-
-    def drain_writes(self) -> None:
-        self._submit_batch()
-        while self.inflight:
-            self._collect()
-
-    def add_content(self, data: bytes) -> bytes:
-        """Handle an in-memory object now (the manifest, the tar-split): reuse if known (pin
-        later), else stage.  Returns its blake3."""
-        b3 = blake3_of(data)
-        if self.pinned and b3 in self.pinned:
-            self.reused += 1
-        elif self._known(b3):
-            self.pending.append((b3, b"", len(data), data))
-            self.pending_bytes += len(data)
-        else:
-            self._queue(b3, None, data, None)
-        return b3
-
-    def maybe_flush_pins(self) -> None:
-        if len(self.pending) >= PIN_BATCH or self.pending_bytes >= PIN_BATCH_BYTES:
-            self._flush_pins()
-
-    def add_stream(self, f: BinaryIO, size: int) -> bytes:
-        """Handle a large file: stream it to staging while hashing, then dedup by digest."""
-        h = DualHasher(size)
-        tmp = os.path.join(self.obj_stage, f"stream-{time.monotonic_ns()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        with open(fd, "wb") as out:  # objects are read-only from birth
-            _hash_stream(f, size, h, out)
-        return self._adopt(tmp, h.blake3(), h.sha256(), size)
-
-    def add_prestaged(self, f: BinaryIO, size: int, staged: str) -> bytes:
-        """A file already assembled in staging (a partial import): hash what the stream says
-        it holds and adopt the staged file instead of writing a copy (its cloned extents
-        stay shared)."""
-        h = DualHasher(size)
-        _hash_stream(f, size, h, None)
-        return self._adopt(staged, h.blake3(), h.sha256(), size)
-
-    def _adopt(self, tmp: str, b3: bytes, sha: bytes, size: int) -> bytes:
-        """Take a complete staged file: dedup by digest, else keep it under its staged name."""
-        path = self._staged_path(b3, sha)
-        if (self.pinned and b3 in self.pinned) or os.path.exists(path):
-            os.unlink(tmp)
-            self.reused += b3 in self.pinned
-        elif self._known(b3):
-            # Keep the staged copy until the pin batch decides: the index might lose it first.
-            os.rename(tmp, path)
-            self.pending.append((b3, sha, size, None))
-            self._flush_pins()
-        else:
-            os.rename(tmp, path)
-            self.staged_new += 1
-            self.staged_bytes += size
-        return b3
-
-    def _flush_pins(self) -> None:
-        """Pin batch of known digests; anything that vanished meanwhile is staged instead."""
-        pending, self.pending = self.pending, []
-        self.pending_bytes = 0
-        if not pending:
-            return
-        objs, doomed = self.idx.db[b"objects"], self.idx.db[b"doomed"]
-        lost: dict[bytes, tuple[bytes, int, bytes | None]] = {}
-        with self.idx.write() as txn:
-            for b3, sha, size, data in pending:
-                if b3 in self.pinned or b3 in lost:
-                    continue
-                # A record being unlinked by gc (doomed) is as good as gone: write our own.
-                if txn.get(b3, db=objs) is not None and txn.get(b3, db=doomed) is None:
-                    leases.pin_objects(self.idx, txn, self.lease, [b3])
-                    self.pinned.add(b3)
-                else:
-                    lost[b3] = (sha, size, data)
-        for b3, sha, _size, data in pending:
-            if b3 in self.pinned:
-                self.reused += 1
-                if data is None:  # staged large file no longer needed
-                    try:
-                        os.unlink(self._staged_path(b3, sha))
-                    except FileNotFoundError:
-                        pass
-        for b3, (sha, size, data) in lost.items():
-            if data is not None:
-                self._queue(b3, sha or None, data, None)
-            else:  # a large file kept staged for this case
-                self.staged_new += 1
-                self.staged_bytes += size
-
-    # publish ------------------------------------------------------------------------------
-    def publish(self) -> None:
-        """Phase 2: make staged objects durable, rename them into objects/, record and pin."""
-        if not self.fanout_made:
-            return  # nothing new (a re-import): no syncfs, no write transaction
-        # No need to wait for a background flush still running: syncfs also waits for the
-        # writeback that one started, and reports its errors through ``stage_fd``.
-        dfd = self.stage_fd
-        syncfs(dfd)
-        # The staged names carry both digests; scanning them keeps memory flat however many
-        # objects the layer has.
-        batch: list[tuple[str, bytes, bytes, int]] = []
-        for fan in sorted(self.fanout_made):
-            with os.scandir(os.path.join(self.obj_stage, fan)) as it:
-                for de in it:
-                    name = de.name
-                    if name.endswith(".tmp"):
-                        continue
-                    b3h, _, shah = name.partition(".")
-                    b3 = bytes.fromhex(b3h)
-                    if b3 in self.pinned:
-                        continue
-                    batch.append((de.path, b3, bytes.fromhex(shah), de.stat().st_size))
-                    if len(batch) >= PUBLISH_BATCH:
-                        self._publish_batch(batch, dfd)
-                        batch = []
-        if batch:
-            self._publish_batch(batch, dfd)
-
-    def _rename_all(self, moves: list[tuple[str, str]]) -> None:
-        """Rename staged objects into objects/, half of them on a writer thread (rename
-        releases the GIL; the fan-out directories spread the directory locks)."""
-
-        def run(part: list[tuple[str, str]]) -> None:
-            for src, dst in part:
-                os.rename(src, dst)
-
-        if len(moves) < 256:
-            run(moves)
-            return
-        half = len(moves) // 2
-        other = self.writers.submit(run, moves[half:])
-        try:
-            run(moves[:half])
-        finally:
-            other.result()
-
-    def _publish_batch(self, batch: list[tuple[str, bytes, bytes, int]], dfd: int) -> None:
-        idx = self.idx
-        objs, doomed, shadb = idx.db[b"objects"], idx.db[b"doomed"], idx.db[b"sha256"]
-        for _attempt in range(600):
-            live = leases.LivenessChecker(self.repo.leases_dir, own=self.lease)
-            busy = False
-            with idx.write() as txn:
-                # Check every digest before renaming anything: an aborted attempt must leave
-                # the staged files where the retry expects them.  (No gc at work: nothing to
-                # check.)
-                if txn.stat(doomed)["entries"]:
-                    for _src, b3, _sha, _size in batch:
-                        owner = txn.get(b3, db=doomed)
-                        if owner is not None:
-                            if live.alive(owner):
-                                busy = True  # a live gc is unlinking this digest right now
-                                break
-                            txn.delete(b3, db=doomed)  # that gc died; its intent is void
-                if busy:
-                    txn.abort()
-                else:
-                    new = [item for item in batch if txn.get(item[1], db=objs) is None]
-                    self._rename_all([(src, self.repo.object_path(b3)) for src, b3, _, _ in new])
-                    for _src, b3, sha, size in new:
-                        idx.put_object(txn, b3, ObjectRecord(size, sha, 0))
-                        txn.put(sha, b3, db=shadb)
-                    leases.pin_objects(idx, txn, self.lease, [b3 for _, b3, _, _ in batch])
-                    syncfs(dfd)  # the renames are durable before the records commit
-            if not busy:
-                self.pinned.update(b3 for _, b3, _, _ in batch)
-                return
-            time.sleep(0.05)
-        raise ConcurrencyError("gc kept objects of this import doomed for 30 s; retry the import")
+            shutil.rmtree(self.stage, ignore_errors=True)
 
 
 def import_tar(
@@ -663,7 +305,7 @@ def run_import(
     gets the importer so a partial import can assemble files in its staging directory).
     ``expect`` is checked once the blob is read, before anything is published."""
     t0 = time.monotonic()
-    imp = _Importer(repo, progress=None)
+    imp = _Importer(repo)
     blob: BlobReader | None = None
     try:
         stream, hooks = make_stream(imp)
@@ -684,7 +326,7 @@ def run_import(
         exact = True
         if hooks is not None:
             diff_id, exact = hooks.commit_as(diff_id)
-        imp.publish()
+        imp.objects.publish()
         compression = hooks.compression if hooks is not None else blob.compression
         extra = hooks.info() if hooks is not None else {}
         result.compression = compression
@@ -708,7 +350,7 @@ def run_import(
                 "images": 0,
                 **extra,
             },
-            imp.pinned,
+            imp.objects.pinned,
             blob.total_in if record_compressed else None,
         )
         present = outcome == "present"
@@ -724,9 +366,9 @@ def run_import(
             from .chunkindex import index_layer
 
             result.stats.update(index_layer(repo, bytes.fromhex(result.manifest)))
-        result.new_objects = imp.staged_new
-        result.new_bytes = imp.staged_bytes
-        result.reused_objects = imp.reused
+        result.new_objects = imp.objects.new_objects
+        result.new_bytes = imp.objects.new_bytes
+        result.reused_objects = imp.objects.reused
         result.partial = extra.get("partial")
         result.seconds = time.monotonic() - t0
         return result
@@ -742,12 +384,7 @@ def run_import(
     finally:
         if blob is not None:
             blob.abort()
-        imp.end_known()
-        imp.writers.shutdown(wait=True, cancel_futures=True)
-        imp.flusher.shutdown(wait=True, cancel_futures=True)
-        os.close(imp.stage_fd)
-        protocol.release_import_pins(repo, imp.pinned)
-        shutil.rmtree(imp.stage, ignore_errors=True)
+        imp.close()
 
 
 def _known_blob(
@@ -876,13 +513,13 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                         if size and len(imp.tiny) < _TINY_MAX:
                             imp.tiny[sha256_of(e.inline)] = e.inline
                     elif imp.hooks is not None and (pre := imp.hooks.take_prestaged(path)):
-                        e.digest = imp.add_prestaged(tar, size, pre)  # type: ignore[arg-type]
+                        e.digest = imp.objects.adopt(tar, size, pre)  # type: ignore[arg-type]
                     elif size <= MEM_MAX:
                         imp.add_file(e, path, tar.read_exact(size, m.name))
-                        imp.maybe_flush_pins()
+                        imp.objects.pin_pending_if_full()
                         continue  # written out once the writers have named its content
                     else:
-                        e.digest = imp.add_stream(tar, size)  # type: ignore[arg-type]
+                        e.digest = imp.objects.add_stream(tar, size)  # type: ignore[arg-type]
                     if imp.hooks is not None and e.digest is not None:
                         imp.hooks.content_digest(path, e.digest)
                 elif typ == b"2":
@@ -911,10 +548,10 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
         warnings = list(tar.warnings)
         if tar.warning_count > len(warnings):
             warnings.append(f"... and {tar.warning_count - len(warnings)} more warnings")
-        imp.drain_writes()
+        imp.objects.drain()
         if imp.entries:
             raise StoreError("internal error: manifest entries left unwritten; please report this")
-        imp._flush_pins()
+        imp.objects.pin_pending()
         mw.close()
         split.close()
     # Manifest and tar-split are objects like any other: hashed, staged under their digest.
@@ -924,11 +561,11 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
             data = f.read()
         os.unlink(path)
         if path == mpath:
-            mb3 = imp.add_content(data)
+            mb3 = imp.objects.add_bytes(data)
         else:
-            tsb3 = imp.add_content(data)
-    imp._flush_pins()
-    imp.drain_writes()
+            tsb3 = imp.objects.add_bytes(data)
+    imp.objects.pin_pending()
+    imp.objects.drain()
     imp.tarsplit = tsb3
     imp.tar_bytes = split.total
     return ImportResult(

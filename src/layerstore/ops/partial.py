@@ -262,7 +262,7 @@ class _Partial(ImportHooks):
                         parts.append(part)
                     if reused:
                         plan.kind, plan.parts = "assemble", parts
-                        plan.staged = os.path.join(self.imp.obj_stage, f"assemble-{n}.tmp")
+                        plan.staged = self.imp.objects.temp_path(f"assemble-{n}")
                 self.plans[e.name] = plan
                 self.order.append(plan)
             leases.pin_objects(idx, txn, lease, self.pins)
