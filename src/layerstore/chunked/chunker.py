@@ -351,7 +351,8 @@ class Chunker:
                 self._sha.update(memoryview(_ZERO_BYTES)[:step])
                 h += step
             if pos > h:
-                self._sha.update(arr[h - base : pos - base])
+                # numpy arrays are buffers; numpy's stubs do not tell hashlib's so
+                self._sha.update(arr[h - base : pos - base])  # type: ignore[arg-type]
         self._hpos = pos
 
 

@@ -9,6 +9,7 @@ deferred removal -- is :mod:`layerstore.core.protocol`'s to decide.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class LayerInfo:
     unproved: bool = False
 
     @staticmethod
-    def from_record(diff_id: bytes, rec: dict[str, Any]) -> LayerInfo:
+    def from_record(diff_id: builtins.bytes, rec: dict[str, Any]) -> LayerInfo:
+        # ``builtins.bytes``: the field named ``bytes`` shadows the type in the class body.
         return LayerInfo(
             unproved=layer_unproved(rec),
             diff_id="sha256:" + diff_id.hex(),

@@ -125,7 +125,7 @@ def is_object_pinned(
     cur = txn.cursor(db=idx.db[b"pins"])
     if not cur.set_key(digest):
         return False
-    return any(live.alive(v) for v in cur.iternext_dup())
+    return any(live.alive(bytes(v)) for v in cur.iternext_dup())
 
 
 def pin_layer(idx: Index, txn: lmdb.Transaction, lease: bytes, diff_id: bytes) -> None:

@@ -94,12 +94,12 @@ class TarSplitWriter:
         self._z.write(self._buf)
         self._buf.clear()
         self._z.flush(zstandard.FLUSH_FRAME)
-        self._z.close()
+        self._z.close()  # type: ignore[no-untyped-call]  # zstandard's stub lacks it
 
 
 def read_tarsplit(fileobj: BinaryIO) -> Iterator[tuple[int, bytes | tuple[int, int, int]]]:
     """Yield (RAW, bytes) and (CONTENT, (entry, offset, length)) records; verifies the end."""
-    reader = io.BufferedReader(
+    reader: BinaryIO = io.BufferedReader(
         zstandard.ZstdDecompressor().stream_reader(fileobj, read_across_frames=True), 1 << 16
     )
     try:
@@ -133,7 +133,7 @@ def read_tarsplit(fileobj: BinaryIO) -> Iterator[tuple[int, bytes | tuple[int, i
         raise CorruptObjectError(f"tar-split does not decompress: {exc}") from None
 
 
-def _exact(r: io.BufferedReader, n: int) -> bytes:
+def _exact(r: BinaryIO, n: int) -> bytes:
     b = r.read(n)
     if len(b) != n:
         raise CorruptObjectError("tar-split is truncated")

@@ -154,7 +154,7 @@ def _unzstd(
     dctx: zstandard.ZstdDecompressor, pieces: Iterator[bytes], size: int, what: str
 ) -> Iterator[bytes]:
     """Decompress frames into exactly ``size`` bytes, bounded memory, no bomb can expand."""
-    reader = dctx.stream_reader(_Stream(pieces), read_across_frames=True)
+    reader = dctx.stream_reader(_Stream(pieces), read_across_frames=True)  # type: ignore[arg-type]
     left = size
     try:
         while left:
