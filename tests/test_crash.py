@@ -39,6 +39,8 @@ LEFTOVERS = {
     "stale-staging",
     "layer-backup-missing",
     "layer-backup-extra",
+    "image-backup-missing",
+    "image-backup-extra",
 }
 
 

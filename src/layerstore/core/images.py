@@ -9,7 +9,10 @@ The layer side of that -- drop now or defer to a live reader -- is
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import json
+import os
 import time
 from typing import Any
 
@@ -94,7 +97,62 @@ def commit_image(
         if old is not None:  # a tag moved: release what the old image held
             for h in old["layers"]:
                 _release_in_txn(repo, txn, bytes.fromhex(h))
+    write_backup(repo, name, record)
     layers.remove_dropped_backups(repo)
+
+
+# -- backups: derived copies of image records, for rebuilding a lost index --------------------
+# Image names hold "/" and ":", so a backup is named by the sha256 of the name and carries the
+# name inside.  Written after the index commit, like layer backups (the index is
+# authoritative; fsck reconciles: image-backup-missing / image-backup-extra).
+def backup_path(repo: Repo, name: str) -> str:
+    return os.path.join(repo.images_dir, hashlib.sha256(name.encode()).hexdigest() + ".json")
+
+
+def write_backup(repo: Repo, name: str, record: dict[str, Any]) -> None:
+    os.makedirs(repo.images_dir, exist_ok=True)  # a store made before image backups existed
+    path = backup_path(repo, name)
+    tmp = f"{path}.{repo.lease.id.hex()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"name": name, **record}, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def remove_backup(repo: Repo, name: str) -> None:
+    """After the removal committed; re-checked, so a name re-created meanwhile keeps it."""
+    with repo.index.read() as txn:
+        if repo.index.get_image(txn, name) is not None:
+            return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(backup_path(repo, name))
+
+
+def read_backups(repo: Repo) -> list[tuple[str, dict[str, Any]]]:
+    """Every readable image backup as (name, record), sorted by name; a backup that is not
+    valid JSON of an image record, or whose file name is not its name's, is skipped (fsck
+    reports it as image-backup-extra)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    try:
+        names = sorted(os.listdir(repo.images_dir))
+    except FileNotFoundError:
+        return out
+    for fn in names:
+        if not fn.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(repo.images_dir, fn)) as f:
+                rec = json.load(f)
+            name = rec.pop("name")
+            if not isinstance(name, str) or os.path.basename(backup_path(repo, name)) != fn:
+                continue
+            if not isinstance(rec.get("layers"), list):
+                continue
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            continue
+        out.append((name, rec))
+    return sorted(out, key=lambda t: t[0])
 
 
 def _release_in_txn(repo: Repo, txn: lmdb.Transaction, diff_id: bytes) -> None:
@@ -140,6 +198,7 @@ def remove_image(repo: Repo, name: str) -> int:
         for h in im["layers"]:
             _release_in_txn(repo, txn, bytes.fromhex(h))
         after = {k for k, r in idx.iter_layers(txn) if r.get("state") == "live"}
+    remove_backup(repo, name)
     layers.remove_dropped_backups(repo)
     return len(before - after)
 

@@ -78,6 +78,8 @@ class Repo:
         self.staging_dir = os.path.join(self.root, "staging")
         self.leases_dir = os.path.join(self.root, "leases")
         self.layers_dir = os.path.join(self.root, "layers")
+        # Image records' backups, as layers/ holds layer records' (core.images.write_backup).
+        self.images_dir = os.path.join(self.root, "images")
         self.quarantine_dir = os.path.join(self.root, "quarantine")
         self.index_dir = os.path.join(self.root, "index")
         self.fmt_path = os.path.join(self.root, FORMAT_FILE)
@@ -88,7 +90,7 @@ class Repo:
             # An existing store: recreate only scratch directories.  objects/, layers/ and
             # index/ hold the store's data; recreating one empty would hide its loss.
             # (An empty layers/ loses nothing: fsck --repair rewrites the backups.)
-            for d in (self.staging_dir, self.leases_dir, self.layers_dir):
+            for d in (self.staging_dir, self.leases_dir, self.layers_dir, self.images_dir):
                 os.makedirs(d, exist_ok=True)
         if not new:
             self._fmt = self._check_format()
@@ -119,7 +121,13 @@ class Repo:
                 "then run `layerstore fsck --rebuild-index`"
             )
         os.makedirs(self.root, exist_ok=True)
-        for d in (self.objects_dir, self.staging_dir, self.leases_dir, self.layers_dir):
+        for d in (
+            self.objects_dir,
+            self.staging_dir,
+            self.leases_dir,
+            self.layers_dir,
+            self.images_dir,
+        ):
             os.makedirs(d, exist_ok=True)
         for i in range(256):
             os.makedirs(os.path.join(self.objects_dir, f"{i:02x}"), exist_ok=True)

@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import blake3 as _blake3
+import lmdb
 
+from ..core import images as images_mod
 from ..core import leases, protocol
 from ..core.digests import is_hex_name
 from ..core.index import ObjectRecord
@@ -621,6 +623,32 @@ class _Checker:
             if self.repair:
                 self._quarantine(os.path.join(self.repo.layers_dir, h + ".json"), "stale")
                 p.repaired = True
+        self.check_image_backups()
+
+    def check_image_backups(self) -> None:
+        """Every image has its backup in images/ (what `--rebuild-index` restores images
+        from), and every backup names an image of the index."""
+        rep, repo = self.report, self.repo
+        with self.idx.read() as txn:
+            images = dict(self.idx.iter_images(txn))
+        backed = dict(images_mod.read_backups(repo))
+        for name, im in sorted(images.items()):
+            if backed.get(name) != im:
+                p = rep.add("image-backup-missing", name, f"image {name!r} backup")
+                if self.repair:
+                    images_mod.write_backup(repo, name, im)
+                    p.repaired = True
+        want = {os.path.basename(images_mod.backup_path(repo, n)) for n in images}
+        try:
+            on_disk = sorted(n for n in os.listdir(repo.images_dir) if n.endswith(".json"))
+        except FileNotFoundError:
+            on_disk = []
+        for fn in on_disk:
+            if fn not in want:
+                p = rep.add("image-backup-extra", fn, f"image backup {fn[:16]} of no image")
+                if self.repair:
+                    self._quarantine(os.path.join(repo.images_dir, fn), "stale")
+                    p.repaired = True
 
     # processes --------------------------------------------------------------------------------
     def check_leases(self) -> None:
@@ -812,6 +840,30 @@ def probe_index(root: str) -> str | None:
     return f"the index cannot be read: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}"
 
 
+def _restore_images(repo: Repo, txn: lmdb.Transaction) -> tuple[int, list[str]]:
+    """Images come back from images/*.json when every layer they list came back; each
+    layer's image count is then recomputed from the restored images (a layer backup's own
+    count may lag: it is not rewritten when an image is added)."""
+    idx = repo.index
+    restored: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[str] = []
+    for name, im in images_mod.read_backups(repo):
+        if all(idx.get_layer(txn, bytes.fromhex(h)) is not None for h in im["layers"]):
+            idx.put_image(txn, name, im)
+            restored.append((name, im))
+        else:
+            skipped.append(name)
+    uses: dict[bytes, int] = {}
+    for _name, im in restored:
+        for h in im["layers"]:
+            uses[bytes.fromhex(h)] = uses.get(bytes.fromhex(h), 0) + 1
+    for diff_id, rec in idx.iter_layers(txn):
+        if rec.get("images", 0) != uses.get(diff_id, 0):
+            rec["images"] = uses.get(diff_id, 0)
+            idx.put_layer(txn, diff_id, rec)
+    return len(restored), skipped
+
+
 def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Recreate a lost or unreadable index from objects/ and the layer backups.
 
@@ -872,6 +924,7 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
                 for c in rec.get("compressed", []):
                     txn.put(bytes.fromhex(c), diff_id, db=repo.index.db[b"compressed"])
                 n_layers += 1
+            n_images, skipped_images = _restore_images(repo, txn)
         repo.stamp_identity()
     finally:
         repo.close()
@@ -882,6 +935,11 @@ def rebuild_index(root: str, progress: Callable[[int], None] | None = None) -> d
         "objects": restored_objects,
         "quarantined": quarantined,
         "layers": n_layers,
+        "images": n_images,
+        # Images whose backup names a layer no backup restored (their layers' backups were
+        # lost too): not restored, named here so they can be pulled again.
+        "images_not_restored": skipped_images,
+        "image_backups": os.path.isdir(repo.images_dir),
         "fsck_exit_code": report.exit_code,
         "problems_after_rebuild": [p.to_json() for p in report.problems if not p.repaired],
     }
