@@ -451,8 +451,9 @@ class TarReader:
         m.uid = _num(h[108:116], f"uid of entry {shown!r}")
         m.gid = _num(h[116:124], f"gid of entry {shown!r}")
         m.mtime_ns = _num(h[136:148], f"mtime of entry {shown!r}") * 1_000_000_000
-        m.devmajor = _num(h[329:337], f"devmajor of entry {shown!r}")
-        m.devminor = _num(h[337:345], f"devminor of entry {shown!r}")
+        if typ in (b"3", b"4"):  # only devices have them (GNU tar reads them for no other)
+            m.devmajor = _num(h[329:337], f"devmajor of entry {shown!r}")
+            m.devminor = _num(h[337:345], f"devminor of entry {shown!r}")
         m.stored = size
         m.size = size
         for key, v in pax.items():
