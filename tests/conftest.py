@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import fuzzing  # noqa: E402, F401 - registers and loads the hypothesis profile (ci / long)
+import fuzzing  # noqa: F401 - registers and loads the hypothesis profile (ci / long)
 
 from layerstore import Store
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
-import io
 import json
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 from fuzzing import examples
-from hypothesis import event, example, given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from test_fuzz_parsers import json_values
 from test_fuzz_tar import store_state

@@ -156,9 +156,7 @@ def mutated_tocs(draw: st.DrawFn) -> tuple[bytes, int]:
             else:
                 e.pop(key, None)
         elif where == "top":
-            doc[draw(st.sampled_from(["version", "entries", "tarSplitDigest"]))] = draw(
-                json_values
-            )
+            doc[draw(st.sampled_from(["version", "entries", "tarSplitDigest"]))] = draw(json_values)
     raw = json.dumps(doc).encode()
     if draw(st.integers(0, 3)) == 0:
         raw = mutate_bytes(draw, raw)

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import gnu_untar_cmd
 from fuzzing import examples
 from hypothesis import event, example, given
@@ -201,9 +200,11 @@ def numeric_values(length: int) -> st.SearchStrategy[bytes]:
     """Hostile values of a numeric header field."""
     octal = st.integers(0, 8 ** (length - 1) - 1).map(lambda n: b"%0*o\0" % (length - 1, n))
     base256 = st.integers(-(1 << 40), 1 << 40).map(
-        lambda n: (n % (1 << (8 * length))).to_bytes(length, "big")
-        if n < 0
-        else bytes([0x80]) + n.to_bytes(length - 1, "big")
+        lambda n: (
+            (n % (1 << (8 * length))).to_bytes(length, "big")
+            if n < 0
+            else bytes([0x80]) + n.to_bytes(length - 1, "big")
+        )
     )
     return st.one_of(
         octal,
@@ -282,7 +283,9 @@ def members(draw: st.DrawFn, earlier: list[Member], hostile: bool) -> Member:
     if draw(st.integers(0, 9)) == 0:  # PAX records the ustar header cannot say
         key = draw(st.sampled_from(["mtime", "path", "linkpath", "uid", "gid"]))
         values = ["1600000000.123456789", "-5.5", "0", "x", "b/a"]
-        m.pax[key] = draw(st.sampled_from(values + ["yesterday", "", "a/../b"] if hostile else values))
+        m.pax[key] = draw(
+            st.sampled_from(values + ["yesterday", "", "a/../b"] if hostile else values)
+        )
     return m
 
 

@@ -93,9 +93,7 @@ def locate(source: RangeSource, annotations: dict[str, str] | None = None) -> Lo
         if checksum is None and position is None:
             continue
         if (
-            type(checksum) is not str
-            or type(position) is not str
-            or not _SHA_RE.match(checksum)
+            type(checksum) is not str or type(position) is not str or not _SHA_RE.match(checksum)
         ):  # (annotations come from an untrusted descriptor: any JSON value)
             raise ChunkedError(
                 f"the {prefix}* annotations are incomplete or malformed "
