@@ -319,7 +319,7 @@ READER_REFUSALS = {
     # truncation could go unnoticed
     "without an end-of-archive block": "no end-of-archive block",
     # GNU tar reads a signed numeric field as the base-64 of tar 1.13.6-1.13.11
-    "has a sign": "a sign in a numeric field",
+    "(a sign: GNU tar's obsolete base-64": "a sign in a numeric field",
     # GNU tar extracts an unknown type as a regular file: a tree the layer never meant
     "has unsupported tar type": "an unknown entry type",
     "is not a layer entry": "a multi-volume or old GNU name-list entry",

@@ -135,8 +135,8 @@ def _num(b: bytes, what: str, octal_only: bool = False) -> int:
         pass
     elif c in b"+-":
         raise InvalidInputError(
-            f"tar header field {what} has a sign: {b!r} (GNU tar's obsolete base-64 of 1999, "
-            "not a number any layer writer writes)"
+            f"tar header field {what} is not an octal number: {b!r} (a sign: GNU tar's "
+            "obsolete base-64 of 1999, not a number any layer writer writes)"
         )
     elif c in (0x80, 0xFF) and i <= n - 2:
         return _num256(b[i:])
