@@ -21,6 +21,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import fuzzing  # noqa: F401 - registers and loads the hypothesis profile (ci / long)
+
 from layerstore import Store
 
 IS_ROOT = os.geteuid() == 0
@@ -150,24 +152,26 @@ def gnu_tar(src: Path, out: Path, *extra: str, fmt: str = "pax") -> Path:
     return out
 
 
+def gnu_untar_cmd(tarball: Path, dest: Path) -> list[str]:
+    """The ``tar -x`` command line of :func:`gnu_untar` (the fuzz tests' oracle runs it too)."""
+    return [
+        "tar",
+        "--numeric-owner",
+        "--same-owner",
+        "-p",
+        "--xattrs",
+        "--xattrs-include=*",
+        "-C",
+        str(dest),
+        "-xf",
+        str(tarball),
+    ]
+
+
 def gnu_untar(tarball: Path, dest: Path) -> Path:
     """``tar -x`` the way a container engine would: owners, modes, xattrs preserved."""
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "tar",
-            "--numeric-owner",
-            "--same-owner",
-            "-p",
-            "--xattrs",
-            "--xattrs-include=*",
-            "-C",
-            str(dest),
-            "-xf",
-            str(tarball),
-        ],
-        check=True,
-    )
+    subprocess.run(gnu_untar_cmd(tarball, dest), check=True)
     return dest
 
 

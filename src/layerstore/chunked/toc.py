@@ -92,7 +92,9 @@ def locate(source: RangeSource, annotations: dict[str, str] | None = None) -> Lo
         position = ann.get(prefix + "manifest-position")
         if checksum is None and position is None:
             continue
-        if checksum is None or position is None or not _SHA_RE.match(checksum):
+        if (
+            type(checksum) is not str or type(position) is not str or not _SHA_RE.match(checksum)
+        ):  # (annotations come from an untrusted descriptor: any JSON value)
             raise ChunkedError(
                 f"the {prefix}* annotations are incomplete or malformed "
                 "(need manifest-checksum sha256:<hex> and manifest-position)"
@@ -103,6 +105,8 @@ def locate(source: RangeSource, annotations: dict[str, str] | None = None) -> Lo
         ts = None
         tsp = ann.get(prefix + "tarsplit-position")
         if tsp is not None:
+            if type(tsp) is not str:
+                raise ChunkedError(f"annotation {prefix}tarsplit-position {tsp!r} is not a string")
             t_off, t_clen, t_ulen = _parse_position(tsp, 3, "tarsplit-position")
             ts = Position(t_off, t_clen, t_ulen)
         loc = Located(variant, Position(off, clen, ulen), checksum, ts)
@@ -277,6 +281,8 @@ def parse_toc(raw: bytes, data_limit: int) -> Toc:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise ChunkedError(f"the TOC is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads on "[[[[...": not a ValueError
+        raise ChunkedError("the TOC nests JSON arrays or objects too deeply") from None
     if type(doc) is not dict or type(doc.get("entries")) is not list:
         raise ChunkedError("the TOC is not an object with an 'entries' list")
     version = doc.get("version")
@@ -296,7 +302,7 @@ def parse_toc(raw: bytes, data_limit: int) -> Toc:
         if type(e) is not dict:
             raise ChunkedError("a TOC entry is not an object")
         typ, raw_name = e.get("type"), e.get("name")
-        if typ not in _TYPES or type(raw_name) is not str or not raw_name:
+        if type(typ) is not str or typ not in _TYPES or type(raw_name) is not str or not raw_name:
             raise ChunkedError(f"TOC entry {raw_name!r} has a bad type {typ!r} or name")
         name = normalize(raw_name, "TOC entry")
         if typ == "chunk":
@@ -417,6 +423,8 @@ def parse_tarsplit(raw: bytes) -> list[Segment]:
             raise
         except (ValueError, UnicodeDecodeError) as exc:
             raise ChunkedError(f"tar-split line {n + 1} is not JSON: {exc}") from None
+        except RecursionError:
+            raise ChunkedError(f"tar-split line {n + 1} nests JSON too deeply") from None
         if type(rec) is not dict:
             raise ChunkedError(f"tar-split line {n + 1} is not an object")
         typ = rec.get("type")

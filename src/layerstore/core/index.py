@@ -213,8 +213,37 @@ class ObjectRecord:
 
     @staticmethod
     def unpack(raw: bytes) -> ObjectRecord:
-        size, sha, refs = _OBJ.unpack(raw)
+        """Decode an ``objects`` value; a value of the wrong length is index damage, reported
+        as such (a bare ``struct.error`` would be a traceback that names nothing)."""
+        try:
+            size, sha, refs = _OBJ.unpack(raw)
+        except struct.error:
+            raise StoreError(
+                f"an object record in the index is corrupt ({len(raw)} bytes, not "
+                f"{_OBJ.size}); run `layerstore fsck --rebuild-index`"
+            ) from None
         return ObjectRecord(size, sha, refs)
+
+
+def encode_layer_record(rec: dict[str, Any]) -> bytes:
+    """A ``layers`` value: the layer record as JSON with sorted keys (docs/format.md)."""
+    return json.dumps(rec, sort_keys=True).encode()
+
+
+def decode_layer_record(raw: bytes) -> dict[str, Any]:
+    """Decode a ``layers`` value.  Anything but a JSON object is index damage: a StoreError
+    that says how to recover (the layer backups in ``layers/`` rebuild it), never a bare
+    JSON or recursion error."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        rec = None
+    if not isinstance(rec, dict):
+        raise StoreError(
+            "a layer record in the index is corrupt (not a JSON object); run "
+            "`layerstore fsck --rebuild-index` to rebuild it from the layers/ backups"
+        )
+    return rec
 
 
 class Index:
@@ -378,21 +407,21 @@ class Index:
                     f"index has a reference to object {d.hex()} but no record of it; "
                     "run `layerstore fsck --repair`"
                 )
-            size, sha, refs = _OBJ.unpack(cur.value())
-            cur.put(d, _OBJ.pack(size, sha, max(0, refs + delta * (j - i))))
+            rec = ObjectRecord.unpack(cur.value())
+            cur.put(d, _OBJ.pack(rec.size, rec.sha256, max(0, rec.refs + delta * (j - i))))
             i = j
 
     # -- layers ----------------------------------------------------------------------------
     def get_layer(self, txn: lmdb.Transaction, diff_id: bytes) -> dict[str, Any] | None:
         raw = txn.get(diff_id, db=self.db[b"layers"])
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else decode_layer_record(raw)
 
     def put_layer(self, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:
-        txn.put(diff_id, json.dumps(rec, sort_keys=True).encode(), db=self.db[b"layers"])
+        txn.put(diff_id, encode_layer_record(rec), db=self.db[b"layers"])
 
     def iter_layers(self, txn: lmdb.Transaction) -> list[tuple[bytes, dict[str, Any]]]:
         cur = txn.cursor(db=self.db[b"layers"])
-        return [(bytes(k), json.loads(v)) for k, v in cur]
+        return [(bytes(k), decode_layer_record(v)) for k, v in cur]
 
     # -- images ----------------------------------------------------------------------------
     def get_image(self, txn: lmdb.Transaction, name: str) -> dict[str, Any] | None:

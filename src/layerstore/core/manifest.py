@@ -214,6 +214,8 @@ def decode_entry(body: bytes) -> Entry:
             e.digest = body[pos : pos + 32]
             pos += 32
         if flags & _F_INLINE:
+            if size > len(body) - pos:  # (also keeps pos a valid offset for struct)
+                raise CorruptObjectError(f"manifest record for {path!r} is truncated")
             e.inline = body[pos : pos + size]
             pos += size
         if flags & _F_LINK:

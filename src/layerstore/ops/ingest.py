@@ -68,6 +68,9 @@ MEM_MAX: Final = 8 << 20
 _MAX_WAITING: Final = 8192
 _READ = 1 << 20
 _U32: Final = (1 << 32) - 1
+# The largest device numbers Linux can represent (12-bit major, 20-bit minor).
+DEV_MAJOR_MAX: Final = (1 << 12) - 1
+DEV_MINOR_MAX: Final = (1 << 20) - 1
 _I64_MIN: Final = -(1 << 63)
 _I64_MAX: Final = (1 << 63) - 1
 _TINY_MAX: Final = 100_000  # inline contents remembered per import (<= 6.4 MB)
@@ -429,6 +432,13 @@ def _known_blob(
     return result
 
 
+def _last_is_dot(name: str) -> bool:
+    """Does ``name`` end in a "." component ("a/.", "a/./")?  Normalizing drops it, but the
+    kernel -- and so GNU tar -- resolves such a name only to a directory: a non-directory
+    entry or a hardlink target spelled so fails there, and must not quietly become "a"."""
+    return name.rstrip("/").rpartition("/")[2] == "."
+
+
 def _check_ranges(m: TarMember) -> None:
     """Refuse values no Linux filesystem (or the manifest format) can hold.
 
@@ -447,6 +457,13 @@ def _check_ranges(m: TarMember) -> None:
             )
     if not _I64_MIN <= m.mtime_ns <= _I64_MAX:
         raise InvalidInputError(f"entry {m.name!r} has an mtime out of range")
+    if m.type in (b"3", b"4") and (m.devmajor > DEV_MAJOR_MAX or m.devminor > DEV_MINOR_MAX):
+        # Linux's dev_t has 12 major and 20 minor bits: mknod fails with EINVAL on more, so
+        # such a layer could never be materialized (GNU tar fails on it too).
+        raise InvalidInputError(
+            f"device {m.name!r} has number {m.devmajor}:{m.devminor}; Linux devices have "
+            f"majors up to {DEV_MAJOR_MAX} and minors up to {DEV_MINOR_MAX}"
+        )
     if len(m.linkname.encode("utf-8", "surrogateescape")) > PATH_MAX - 1:
         raise InvalidInputError(f"entry {m.name!r} has a link target over {PATH_MAX - 1} bytes")
     if len(m.xattrs) > 4096:
@@ -500,6 +517,11 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                     raise InvalidInputError(
                         f"entry {m.name!r} replaces a directory with a non-directory"
                     )
+                if _last_is_dot(m.name):
+                    raise InvalidInputError(
+                        f"entry {m.name!r} is not a directory, but a name ending in '/.' can "
+                        "only be one"
+                    )
                 if not nondirs.add(path):
                     imp.replaces += 1  # tar semantics: the later entry wins
                 if m.isreg():
@@ -530,6 +552,11 @@ def _stream_phase(imp: _Importer, blob: BlobReader) -> ImportResult:
                 elif typ == b"1":
                     e.kind = HARDLINK
                     target = normalize(m.linkname, "hardlink target")
+                    if m.linkname.endswith("/") or _last_is_dot(m.linkname):
+                        raise UnsafePathError(
+                            f"hardlink {m.name!r} points to {m.linkname!r}, which can only "
+                            "resolve to a directory"
+                        )
                     if target == path or target not in nondirs:
                         raise UnsafePathError(
                             f"hardlink {m.name!r} points to {m.linkname!r}, which is not an "

@@ -70,6 +70,25 @@ class ImageResult:
         return dict(self.__dict__)
 
 
+def _obj(doc: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """``doc[key]`` where the OCI spec has an optional JSON object (annotations, platform,
+    rootfs): ``{}`` when absent, and anything else than an object refused by name -- the
+    documents are untrusted, so a list there must be a clean error, not an AttributeError."""
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what}: {key!r} is not a JSON object")
+    return value
+
+
+def _media_type(desc: dict[str, Any]) -> str | None:
+    """A descriptor's ``mediaType`` if it is a string (any other JSON value is unhashable or
+    meaningless as a type, and is reported as unsupported by the caller)."""
+    mt = desc.get("mediaType")
+    return mt if isinstance(mt, str) else None
+
+
 def host_platform() -> str:
     return f"linux/{_ARCH.get(platform.machine(), platform.machine())}"
 
@@ -137,7 +156,8 @@ def _select(
             m
             for m in manifests
             if isinstance(m, dict)
-            and (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == ref
+            and _obj(m, "annotations", "image index").get("org.opencontainers.image.ref.name")
+            == ref
         ]
         if not cands:
             raise NotFoundError(f"the layout has no image tagged {ref!r}")
@@ -146,8 +166,9 @@ def _select(
         cands = [
             m
             for m in cands
-            if (m.get("platform") or {}).get("os", os_) == os_
-            and (m.get("platform") or {}).get("architecture", arch) == arch
+            if isinstance(m, dict)
+            and _obj(m, "platform", "image index").get("os", os_) == os_
+            and _obj(m, "platform", "image index").get("architecture", arch) == arch
         ]
         if len(cands) != 1:
             raise InvalidInputError(
@@ -156,7 +177,7 @@ def _select(
     desc = cands[0]
     if not isinstance(desc, dict):
         raise InvalidInputError("bad descriptor in the image index")
-    mt = desc.get("mediaType")
+    mt = _media_type(desc)
     if mt in INDEX_TYPES:
         nested, _ = layout.read_json(desc)
         return _select(layout, nested, None, plat, depth + 1)
@@ -177,7 +198,7 @@ def is_chunked(desc: dict[str, Any]) -> bool:
 
 def _diff_ids(config: dict[str, Any], what: str, n: int) -> list[str]:
     """The config's ``rootfs.diff_ids``: one sha256 digest per layer (checked up front)."""
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    diff_ids = _obj(config, "rootfs", f"config {what}").get("diff_ids")
     if not isinstance(diff_ids, list) or len(diff_ids) != n:
         k = len(diff_ids) if isinstance(diff_ids, list) else 0
         raise InvalidInputError(f"config {what} lists {k} diff_ids for {n} layers")
@@ -243,7 +264,7 @@ def import_layout(
     config, cbytes = layout.read_json(cdesc)
     diff_ids = _diff_ids(config, cdesc["digest"], len(layers))
     for d in layers:
-        if not isinstance(d, dict) or d.get("mediaType") not in LAYER_TYPES:
+        if not isinstance(d, dict) or _media_type(d) not in LAYER_TYPES:
             mt = d.get("mediaType") if isinstance(d, dict) else d
             raise InvalidInputError(f"layer media type {mt!r} is not supported")
         layout.blob_path(d)  # validate every path before importing anything

@@ -97,49 +97,70 @@ def _field_str(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
-# An octal number field as GNU tar reads it: optional leading whitespace, octal digits, then a
-# NUL, whitespace or the end of the field.  (``int(s, 8)`` alone would also take "-1", "+7",
-# "0o17" and "1_0", none of which GNU tar reads as that number.)
-_OCTAL: Final = re.compile(rb"[ \t\n\v\f\r]*([0-7]+)[ \t\n\v\f\r]*")
+# The bytes GNU tar's from_header() skips before a number and accepts after one (C isspace).
+_SPACE: Final = frozenset(b" \t\n\v\f\r")
 _PAX_INT: Final = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]+)")
 _PAX_TIME: Final = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
 
 
-def _num(b: bytes, what: str) -> int:
-    """Octal ASCII (space/NUL padded) or GNU base-256 (high bit set).
+def _num(b: bytes, what: str, octal_only: bool = False) -> int:
+    """A numeric header field, read exactly as GNU tar's ``from_header`` reads it.
 
-    One leading NUL is skipped, as GNU tar does ("buggy tar of unknown vintage" writing a NUL
-    when the previous field overflowed); a field that is empty or blank reads as 0.  Anything
-    else that is not octal digits -- a sign, a radix prefix, underscores -- is refused: GNU tar
-    would read it differently (a leading ``-`` is its obsolete base-64), and a value read
-    differently from ``tar -x`` is a different tree.
+    One leading NUL is skipped ("buggy tar of unknown vintage" writing a NUL when the previous
+    field overflowed), then blanks; then octal digits, or GNU base-256 (a first byte of 0x80,
+    or 0xFF for a negative number), or nothing (an empty field: 0).  What follows the number
+    must be the end of the field, a NUL or a blank -- anything after that is ignored, so
+    ``"12 34"`` is 10.  Everything GNU tar reports as an error is refused, so the value is
+    never one ``tar -x`` would not use: a field of nothing but blanks ("Blanks in header"),
+    other bytes after the digits, a base-256 marker other than 0x80/0xFF.  A leading sign is
+    refused too: GNU tar reads it as the obsolete base-64 of tar 1.13.6-1.13.11 (1999), a
+    dialect no layer writer uses.  ``octal_only`` (the checksum) admits no base-256.
     """
-    if b and b[0] & 0x80:
-        return _num256(b)
-    if b[:1] == b"\x00":
-        b = b[1:]
-    i = b.find(b"\x00")
-    s = b if i < 0 else b[:i]
-    m = _OCTAL.fullmatch(s)
-    if m is not None:
-        return int(m.group(1), 8)
-    if not s.strip(b" "):
-        return 0  # an empty field
-    raise InvalidInputError(f"tar header field {what} is not an octal number: {b!r}")
+    n = len(b)
+    i = 1 if b[:1] == b"\x00" else 0
+    while i < n and b[i] in _SPACE:
+        i += 1
+    if i == n:
+        raise InvalidInputError(
+            f"tar header field {what} is blank: {b!r} (GNU tar: 'Blanks in header')"
+        )
+    c = b[i]
+    end = i
+    value = 0
+    if 0x30 <= c <= 0x37:
+        while end < n and 0x30 <= b[end] <= 0x37:
+            end += 1
+        value = int(b[i:end], 8)
+    elif octal_only:
+        pass
+    elif c in b"+-":
+        raise InvalidInputError(
+            f"tar header field {what} is not an octal number: {b!r} (a sign: GNU tar's "
+            "obsolete base-64 of 1999, not a number any layer writer writes)"
+        )
+    elif c in (0x80, 0xFF) and i <= n - 2:
+        return _num256(b[i:])
+    if end != n and b[end] != 0 and b[end] not in _SPACE:
+        raise InvalidInputError(f"tar header field {what} is not an octal number: {b!r}")
+    return value
 
 
 def _num256(b: bytes) -> int:
-    """GNU base-256: big-endian binary after the marker bit; 0xFF marks a negative value."""
-    if b[0] == 0xFF:  # negative: two's complement over the whole field
+    """GNU base-256: big-endian binary after the marker byte 0x80; 0xFF marks a negative
+    value (two's complement over the whole field)."""
+    if b[0] == 0xFF:
         return int.from_bytes(b, "big") - (1 << (8 * len(b)))
-    return int.from_bytes(b[1:], "big") | ((b[0] & 0x3F) << (8 * (len(b) - 1)))
+    return int.from_bytes(b[1:], "big")
 
 
 _ZERO_BLOCK: Final = bytes(BLOCK)
 
 
 def _checksum_ok(h: bytes) -> bool:
-    stored = _num(h[148:156], "chksum")
+    try:  # (a checksum field GNU tar cannot read is a bad header to it, not another error)
+        stored = _num(h[148:156], "chksum", octal_only=True)
+    except InvalidInputError:
+        return False
     unsigned = sum(h) - sum(h[148:156]) + 8 * 32  # the field itself counts as spaces
     if stored == unsigned:
         return True
@@ -451,8 +472,9 @@ class TarReader:
         m.uid = _num(h[108:116], f"uid of entry {shown!r}")
         m.gid = _num(h[116:124], f"gid of entry {shown!r}")
         m.mtime_ns = _num(h[136:148], f"mtime of entry {shown!r}") * 1_000_000_000
-        m.devmajor = _num(h[329:337], f"devmajor of entry {shown!r}")
-        m.devminor = _num(h[337:345], f"devminor of entry {shown!r}")
+        if typ in (b"3", b"4"):  # only devices have them (GNU tar reads them for no other)
+            m.devmajor = _num(h[329:337], f"devmajor of entry {shown!r}")
+            m.devminor = _num(h[337:345], f"devminor of entry {shown!r}")
         m.stored = size
         m.size = size
         for key, v in pax.items():
@@ -490,8 +512,10 @@ class TarReader:
         # (and a GNU dumpdir's listing).  A pre-POSIX writer marked a directory by the
         # trailing slash of a regular-typed entry ("name/", type NUL); its size is ignored
         # like that of every other non-file.
+        # (GNU tar asks gnulib's strip_trailing_slashes, for which the name "/" alone has
+        # no trailing slash: it is a file named "/", i.e. ".", which tar -x fails to create.)
         no_data = typ in NODATA_TYPES
-        if m.type in REGTYPES and name.endswith(b"/"):
+        if m.type in REGTYPES and name.endswith(b"/") and name != b"/":
             m.type = b"5"
             no_data = True
         if pax_sparse and m.type not in REGTYPES:
