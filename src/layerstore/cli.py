@@ -490,8 +490,13 @@ cli.add_command(du, "stats")
 def gc(c: Ctx, dry_run: bool) -> None:
     """Free objects no layer references and no running operation pins."""
     with c.open() as st:
-        with c.progress(None, "objects", "gc") as upd:
-            r = st.gc(dry_run=dry_run, progress=upd)
+        if dry_run:  # the plan: what would go, what stays and why (--json: every item)
+            plan = st.gc_plan()
+            r, doc = plan.summary(), plan.to_json()
+        else:
+            with c.progress(None, "objects", "gc") as upd:
+                r = st.gc(progress=upd)
+            doc = r.to_json()
 
     def human() -> None:
         verb = "would free" if dry_run else "freed"
@@ -502,7 +507,7 @@ def gc(c: Ctx, dry_run: bool) -> None:
             f"{r.skipped_pinned} pinned objects kept; {r.seconds:.2f}s"
         )
 
-    c.out(r.to_json(), human)
+    c.out(doc, human)
 
 
 @cli.command()

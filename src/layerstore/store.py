@@ -24,6 +24,7 @@ from .core.manifest import Entry
 from .core.repo import FORMAT_FILE, FORMAT_VERSION, Repo
 from .errors import DestinationError
 from .ops import chunkindex, export, fsck, gc, ingest, materialize, oci, partial
+from .ops.gc import GcPlan, GcResult
 from .ops.ingest import ImportResult
 from .ops.materialize import MaterializeResult
 from .ops.oci import ImageResult
@@ -339,9 +340,17 @@ class Store:
         images.tag(self.repo, src, dst)
 
     # -- maintenance -----------------------------------------------------------------------
-    def gc(self, dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Any:
-        """Unlink unreferenced, unpinned objects and crash leftovers (see ``layerstore.ops.gc``)."""
+    def gc(
+        self, dry_run: bool = False, progress: Callable[[int], None] | None = None
+    ) -> GcResult:
+        """Unlink unreferenced, unpinned objects and crash leftovers (see ``layerstore.ops.gc``):
+        a plan, then its execution.  ``dry_run``: the plan's figures, nothing changed."""
         return gc.collect(self.repo, dry_run=dry_run, progress=progress)
+
+    def gc_plan(self) -> GcPlan:
+        """What :meth:`gc` would do now, item by item (and what it keeps, and why); writes
+        nothing.  ``layerstore.ops.gc.execute(st.repo, plan)`` carries a plan out."""
+        return gc.plan(self.repo)
 
     def fsck(
         self,

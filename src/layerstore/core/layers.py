@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,16 @@ def count_refs(
     idx.add_refs(txn, manifest_b3, delta)
     if rec.get("tarsplit"):
         idx.add_refs(txn, bytes.fromhex(rec["tarsplit"]), delta)
+
+
+def references(repo: Repo, rec: dict[str, Any]) -> Counter[bytes]:
+    """The references a layer record makes, counted (what :func:`count_refs` adds or drops):
+    read-only, for a plan that predicts what a removal would free."""
+    out: Counter[bytes] = Counter(repo.object_refs(parse_hex(rec["manifest"])))
+    out[parse_hex(rec["manifest"])] += 1
+    if rec.get("tarsplit"):
+        out[bytes.fromhex(rec["tarsplit"])] += 1
+    return out
 
 
 def drop_refs(repo: Repo, txn: lmdb.Transaction, diff_id: bytes, rec: dict[str, Any]) -> None:

@@ -9,7 +9,8 @@ process however many objects it pins.
 *Pins* are index records naming a lease: ``pins`` / ``lease_pins`` for objects (an import
 publishing new objects, a partial pull reusing chunks) and ``layer_pins`` for whole layers (a
 materialization reading a layer's objects -- O(1) records however large the layer).  gc skips
-everything pinned by a live lease; pins of dead leases are dropped by :func:`reap_dead_leases`.
+everything pinned by a live lease; pins of dead leases are dropped by
+:func:`layerstore.core.protocol.reap`.
 """
 
 from __future__ import annotations
@@ -104,15 +105,18 @@ def unpin_objects(
         txn.delete(lease + d, db=rev)
 
 
-def unpin_all_objects(idx: Index, txn: lmdb.Transaction, lease: bytes) -> int:
-    """Drop every object pin of a lease (reverse map scan); returns how many."""
+def unpin_all_objects(
+    idx: Index, txn: lmdb.Transaction, lease: bytes, limit: int | None = None
+) -> int:
+    """Drop the object pins of a lease (reverse map scan), at most ``limit`` of them (so a
+    caller can keep each write transaction bounded); returns how many."""
     rev = idx.db[b"lease_pins"]
     cur = txn.cursor(db=rev)
     keys: list[bytes] = []
     if cur.set_range(lease):
         for k in cur.iternext(values=False):
             k = bytes(k)
-            if not k.startswith(lease):
+            if not k.startswith(lease) or (limit is not None and len(keys) >= limit):
                 break
             keys.append(k)
     unpin_objects(idx, txn, lease, [k[LEASE_SIZE:] for k in keys])
@@ -160,32 +164,62 @@ def dead_leases(idx: Index, txn: lmdb.Transaction, live: LivenessChecker) -> set
     return {lease for lease in seen if not live.alive(lease)}
 
 
-def remove_dead_lease_files(leases_dir: str, staging_dir: str, live: LivenessChecker) -> int:
-    """Delete lease files and staging directories of dead processes; returns how many."""
-    n = 0
-    try:
-        names = os.listdir(leases_dir)
-    except FileNotFoundError:
-        return 0
-    for name in names:
+def dead_leftovers(leases_dir: str, staging_dir: str, live: LivenessChecker) -> list[bytes]:
+    """Leases of dead processes that left files: a lease file nobody holds (``.lock``, or a
+    ``.tmp`` of a process that died before renaming it) or a ``staging/<lease>`` directory.
+    Read-only; sorted.  Names that are not lease ids are not gc's to guess at (fsck reports
+    a staging entry it cannot attribute)."""
+    out: set[bytes] = set()
+    for name in _listdir(leases_dir):
         if not name.endswith((".lock", ".tmp")):
             continue
-        try:
-            lease = bytes.fromhex(name.rsplit(".", 1)[0])
-        except ValueError:
+        lease = _lease_id(name.rsplit(".", 1)[0])
+        if lease is None:
             continue
         if name.endswith(".tmp"):
-            if _locked(os.path.join(leases_dir, name)):
-                continue
-        elif live.alive(lease):
-            continue
-        shutil.rmtree(os.path.join(staging_dir, lease.hex()), ignore_errors=True)
+            if not _locked(os.path.join(leases_dir, name)):
+                out.add(lease)
+        elif not live.alive(lease):
+            out.add(lease)
+    for name in _listdir(staging_dir):
+        lease = _lease_id(name)
+        if lease is not None and not live.alive(lease):
+            out.add(lease)
+    return sorted(out)
+
+
+def remove_leftovers(
+    leases_dir: str, staging_dir: str, lease: bytes, live: LivenessChecker
+) -> bool:
+    """Delete a dead lease's staging directory, then its lease file(s); re-checks that the
+    lease is dead first (its owner could only be alive if it were still creating it: a
+    ``.tmp`` held locked).  Staging goes first, so a crash in between leaves the lease file
+    and the next gc finds the lease again.  True if the lease was dead (and is gone now)."""
+    base = os.path.join(leases_dir, lease.hex())
+    if live.alive(lease) or (os.path.lexists(base + ".tmp") and _locked(base + ".tmp")):
+        return False
+    shutil.rmtree(os.path.join(staging_dir, lease.hex()), ignore_errors=True)
+    for suffix in (".lock", ".tmp"):
         try:
-            os.unlink(os.path.join(leases_dir, name))
+            os.unlink(base + suffix)
         except FileNotFoundError:
             pass
-        n += 1
-    return n
+    return True
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return os.listdir(d)
+    except FileNotFoundError:
+        return []
+
+
+def _lease_id(text: str) -> bytes | None:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return raw if len(raw) == LEASE_SIZE else None
 
 
 def _locked(path: str) -> bool:

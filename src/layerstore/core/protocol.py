@@ -9,8 +9,8 @@ set of transitions on the index, each one LMDB write transaction:
   unpins them when done; :func:`unpin_layer` finishes a removal deferred meanwhile;
 * :func:`drop_or_defer` / :func:`remove_layer` -- removal drops references now, or, while a
   live process reads the layer, hides it and leaves the drop to the last reader;
-* :func:`reap` -- pins and deferred removals of dead processes (their lease lock is free)
-  are finished by gc.
+* :func:`plan_reap` / :func:`reap` -- pins and deferred removals of dead processes (their
+  lease lock is free) are found in a snapshot, then finished by gc, each re-checked.
 
 The primitives (lease files, pin tables, the liveness probe) are :mod:`.leases`; the reference
 arithmetic is :mod:`.layers`.  Nothing outside this module pins or unpins a layer.
@@ -22,14 +22,14 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import lmdb
 
 from ..errors import ConcurrencyError, CorruptObjectError, InUseError, NotFoundError
 from . import layers, leases
 from .digests import DigestSet, parse_hex
-from .index import blob_size_key, layer_unproved
+from .index import Index, blob_size_key, layer_unproved
 from .repo import Repo
 
 # Object pins released per write transaction.
@@ -251,6 +251,48 @@ def remove_layer(repo: Repo, diff_id: bytes, ref: str) -> bool:
 
 
 # -- dead processes ----------------------------------------------------------------------------
+REAP_PIN_BATCH: Final = 4096  # object pins of a dead lease dropped per write transaction
+
+
+@dataclass(frozen=True)
+class ReapPlan:
+    """What :func:`reap` would finish, read from one snapshot (nothing written).
+
+    Advisory: :func:`reap` re-checks every item in the write transaction that acts on it."""
+
+    # leases named by pins, layer pins or doomed entries in the index whose process is dead
+    dead_leases: tuple[bytes, ...] = ()
+    # layers removed while pinned (``state: deleted``) whose pinners are all dead
+    deferred: tuple[bytes, ...] = ()
+    # dead leases that left a lease file or a staging directory
+    leftovers: tuple[bytes, ...] = ()
+    # removed layers a live process still reads: kept until it unpins (invariant 5)
+    still_read: tuple[bytes, ...] = ()
+
+
+def plan_reap(repo: Repo) -> ReapPlan:
+    """The dead processes' pins, deferred removals and files :func:`reap` would finish."""
+    idx = repo.index
+    live = leases.LivenessChecker(repo.leases_dir, own=repo.lease.id)
+    deferred: list[bytes] = []
+    still_read: list[bytes] = []
+    with idx.read() as txn:
+        dead = leases.dead_leases(idx, txn, live)
+        for diff_id, rec in idx.iter_layers(txn):
+            if rec.get("state") != "deleted":
+                continue
+            if any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
+                still_read.append(diff_id)
+            else:
+                deferred.append(diff_id)
+    return ReapPlan(
+        dead_leases=tuple(sorted(dead)),
+        deferred=tuple(deferred),
+        leftovers=tuple(leases.dead_leftovers(repo.leases_dir, repo.staging_dir, live)),
+        still_read=tuple(still_read),
+    )
+
+
 @dataclass
 class Reaped:
     """What :func:`reap` finished for processes that died."""
@@ -260,36 +302,57 @@ class Reaped:
     staging_removed: int = 0
 
 
-def reap(repo: Repo) -> Reaped:
+def reap(repo: Repo, plan: ReapPlan | None = None) -> Reaped:
     """Forget dead processes' pins, finish removals they deferred, drop their lease files and
-    staging space (gc's first and last steps; invariant 6)."""
+    staging space (gc's first step; fsck --repair's for dead-pins and stale-staging).
+
+    ``plan`` (default: :func:`plan_reap` now) says what to look at; each item is re-checked
+    in the transaction that acts on it, so a plan made earlier can only do less, never
+    wrong: a lease is reaped only while it is dead, a deferred removal finished only while
+    it is still deleted and unread (invariant 5).  Every write transaction is one dead
+    lease's pins (at most :data:`REAP_PIN_BATCH` object pins, then another) or one deferred
+    removal (invariant 6)."""
+    plan = plan if plan is not None else plan_reap(repo)
     out = Reaped()
     idx = repo.index
     live = leases.LivenessChecker(repo.leases_dir, own=repo.lease.id)
-    with idx.write() as txn:
-        dead = leases.dead_leases(idx, txn, live)
-        for lease in dead:
-            leases.unpin_all_objects(idx, txn, lease)
-        lp = idx.db[b"layer_pins"]
-        for k in list(txn.cursor(db=lp).iternext(values=False)):
-            k = bytes(k)
-            if k[-leases.LEASE_SIZE :] in dead:
-                txn.delete(k, db=lp)
-        doomed = idx.db[b"doomed"]
-        for k, v in list(txn.cursor(db=doomed)):
-            if bytes(v) in dead:
-                txn.delete(bytes(k), db=doomed)  # the file, if any, is an orphan now
-        for diff_id, rec in idx.iter_layers(txn):
-            if rec.get("state") != "deleted":
-                continue
-            if not any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
-                layers.drop_refs(repo, txn, diff_id, rec)
-                out.layers_finalized += 1
-        out.dead_leases = len(dead)
+    for lease in plan.dead_leases:
+        if live.alive(lease):
+            continue  # cannot happen (a lease id is never reused); the check is the rule
+        while True:
+            with idx.write() as txn:
+                if leases.unpin_all_objects(idx, txn, lease, REAP_PIN_BATCH) < REAP_PIN_BATCH:
+                    _drop_lease_records(idx, txn, lease)
+                    break
+        out.dead_leases += 1
+    for diff_id in plan.deferred:
+        with idx.write() as txn:
+            rec = idx.get_layer(txn, diff_id)
+            if rec is None or rec.get("state") != "deleted":
+                continue  # finished by its last reader, or imported again meanwhile
+            if any(live.alive(p) for p in leases.layer_pinners(idx, txn, diff_id)):
+                continue  # a new reader pinned it (it cannot: only live layers are pinned)
+            layers.drop_refs(repo, txn, diff_id, rec)
+        out.layers_finalized += 1
     # Only the backups of the removals finished just now.  Never "every backup the index does
     # not know": an index that lost layers (or a lost index) would then cost the backups that
     # `fsck --rebuild-index` restores them from.  A backup left by a removal whose process
     # died before unlinking it is fsck's to report (layer-backup-extra; --repair quarantines).
     layers.remove_dropped_backups(repo)  # re-checks each against the index before unlinking
-    out.staging_removed = leases.remove_dead_lease_files(repo.leases_dir, repo.staging_dir, live)
+    for lease in plan.leftovers:
+        if leases.remove_leftovers(repo.leases_dir, repo.staging_dir, lease, live):
+            out.staging_removed += 1
     return out
+
+
+def _drop_lease_records(idx: Index, txn: lmdb.Transaction, lease: bytes) -> None:
+    """A dead lease's layer pins and doomed entries (the file of a doomed entry, if any, is
+    an orphan now: gc's orphan sweep takes it)."""
+    lp = idx.db[b"layer_pins"]
+    for k in [bytes(k) for k in txn.cursor(db=lp).iternext(values=False)]:
+        if k[-leases.LEASE_SIZE :] == lease:
+            txn.delete(k, db=lp)
+    doomed = idx.db[b"doomed"]
+    for k, v in [(bytes(k), bytes(v)) for k, v in txn.cursor(db=doomed)]:
+        if v == lease:
+            txn.delete(k, db=doomed)
