@@ -105,6 +105,21 @@ SYMLINK_MAX: Final = 4095
 XATTR_VALUE_MAX: Final = 65535
 
 
+_split_cache: dict[bytes, tuple[int, bytes, int]] = {}
+
+
+def name_info(name: bytes) -> tuple[int, bytes, int]:
+    """(name index, stored suffix, filter bit) of an xattr name, memoized: an image repeats a
+    handful of names (the overlay ones on every file)."""
+    info = _split_cache.get(name)
+    if info is None:
+        index, suffix = split_xattr_name(name)
+        info = (index, suffix, filter_bit(index, suffix))
+        if len(_split_cache) < 65536:
+            _split_cache[name] = info
+    return info
+
+
 def split_xattr_name(name: bytes) -> tuple[int, bytes]:
     """(name index, stored suffix) of an xattr name."""
     full = XATTR_FULL_NAMES.get(name)
@@ -171,15 +186,6 @@ def xxh32(data: bytes, seed: int) -> int:
     return h
 
 
-_filter_bits: dict[tuple[int, bytes], int] = {}
-
-
 def filter_bit(index: int, suffix: bytes) -> int:
-    """The bloom bit of one xattr name (memoized: images repeat a handful of names)."""
-    key = (index, suffix)
-    bit = _filter_bits.get(key)
-    if bit is None:
-        bit = 1 << (xxh32(suffix, XATTR_FILTER_SEED + index) & (XATTR_FILTER_BITS - 1))
-        if len(_filter_bits) < 65536:
-            _filter_bits[key] = bit
-    return bit
+    """The bloom bit of one xattr name (clear in ``h_name_filter`` when the name is there)."""
+    return 1 << (xxh32(suffix, XATTR_FILTER_SEED + index) & (XATTR_FILTER_BITS - 1))

@@ -227,12 +227,20 @@ class _Writer:
         for k, v in inode.xattrs.items():
             if self.composefs and k.startswith(OVERLAY):
                 k = OVERLAY_ESCAPED + k[len(OVERLAY) :]
+            if not k or (len(k) > F.NAME_MAX and len(F.split_xattr_name(k)[1]) > F.NAME_MAX):
+                raise ImageError(f"xattr name {k[:80]!r} is empty or longer than 255 bytes")
+            if len(v) > F.XATTR_VALUE_MAX:
+                raise ImageError(f"xattr {k!r} has a value over {F.XATTR_VALUE_MAX} bytes")
+            if k in F.XATTR_FULL_NAMES:
+                self.has_acl = True
             out[k] = v
-        if isinstance(inode, File) and inode.data is None and inode.size > 0:
-            if inode.redirect is not None:
+        if n.fmt == S_IFREG and isinstance(inode, File):
+            if inode.data is None and inode.size > 0 and inode.redirect is not None:
                 out[METACOPY] = metacopy_value(inode.verity)
                 red = inode.redirect
                 out[REDIRECT] = red if red.startswith(b"/") else b"/" + red
+            if not out:
+                return []
         if self.composefs:
             if n.fmt == S_IFREG and is_whiteout(inode):
                 out[OVERLAY_ESCAPED + b"whiteout"] = b""
@@ -244,13 +252,6 @@ class _Writer:
                 out[b"user.overlay.opaque"] = b"x"
             if n.idx == 0:
                 out[OVERLAY + b"opaque"] = b"y"
-        for k, v in out.items():
-            if not k or len(F.split_xattr_name(k)[1]) > F.NAME_MAX:
-                raise ImageError(f"xattr name {k[:80]!r} is empty or longer than 255 bytes")
-            if len(v) > F.XATTR_VALUE_MAX:
-                raise ImageError(f"xattr {k!r} has a value over {F.XATTR_VALUE_MAX} bytes")
-            if k in F.XATTR_FULL_NAMES:
-                self.has_acl = True
         return sorted(out.items())
 
     def share_xattrs(self) -> list[tuple[int, bytes, bytes]]:
@@ -269,7 +270,7 @@ class _Writer:
         table: list[tuple[int, bytes, bytes]] = []
         off = 0
         for name, value in shared_pairs:
-            index, suffix = F.split_xattr_name(name)
+            index, suffix, _bit = F.name_info(name)
             offsets[(name, value)] = off
             table.append((index, suffix, value))
             off += _round_up(F.XATTR_ENTRY.size + len(suffix) + len(value), 4)
@@ -279,16 +280,17 @@ class _Writer:
                 continue
             size = F.XATTR_IBODY_HEADER.size
             filt = 0
-            for name, value in n.xattrs:
-                index, suffix = F.split_xattr_name(name)
-                filt |= F.filter_bit(index, suffix)
-                so = offsets.get((name, value))
+            for pair in n.xattrs:
+                index, suffix, bit = F.name_info(pair[0])
+                filt |= bit
+                so = offsets.get(pair) if offsets else None
                 if so is not None and len(n.shared) < F.MAX_SHARED_PER_INODE:
                     n.shared.append(so)
                     size += 4
                 else:
+                    value = pair[1]
                     n.inline_x.append((index, suffix, value))
-                    size += _round_up(F.XATTR_ENTRY.size + len(suffix) + len(value), 4)
+                    size += (F.XATTR_ENTRY.size + len(suffix) + len(value) + 3) & ~3
             n.filt = filt
             n.xattr_size = size
         return table
