@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 import fuzzing  # noqa: F401 - registers and loads the hypothesis profile (ci / long)
 
 from layerstore import Store
@@ -178,7 +176,7 @@ def gnu_untar(tarball: Path, dest: Path) -> Path:
 def need_corpus(fn, *args):  # type: ignore[no-untyped-def]
     """Build/fetch a real-data corpus artifact.  As root (CI) a build failure is a failure;
     elsewhere the test is skipped loudly."""
-    import corpus
+    import testdata as corpus
 
     try:
         return fn(*args)

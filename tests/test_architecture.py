@@ -7,13 +7,9 @@ checker would notice: each writes a small package with the breach and expects it
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-
-import importgraph
+from tools import importgraph
 
 
 def test_no_import_cycles() -> None:

@@ -20,6 +20,7 @@ import pytest
 import zstandard
 from conftest import need_corpus
 
+import testdata as corpus
 from layerstore.chunked import chunker as ck
 from layerstore.chunked.chunker import Chunk, Chunker, chunk_bytes, chunk_file, crc64_iso
 
@@ -314,9 +315,6 @@ def test_crc64_incremental_and_buffers() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Real data: a zstd:chunked layer written by skopeo 1.9.3 (Debian 12).
-
-
-corpus = pytest.importorskip("corpus")
 
 
 def _layer_and_toc(layout: Path) -> tuple[Path, list[dict]]:

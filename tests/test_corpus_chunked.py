@@ -16,7 +16,7 @@ import pytest
 import zstandard
 from conftest import need_corpus
 
-corpus = pytest.importorskip("corpus")
+import testdata as corpus
 
 pytestmark = pytest.mark.realdata
 

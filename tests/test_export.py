@@ -13,9 +13,8 @@ import pytest
 from conftest import gnu_tar
 from test_roundtrip import build_tree
 
+import testdata as corpus
 from layerstore import CorruptObjectError, Store
-
-corpus = pytest.importorskip("corpus")
 
 
 def _export(store: Store, diff_id: str) -> bytes:

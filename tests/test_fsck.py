@@ -878,7 +878,7 @@ def test_cli_source_that_is_neither_store_nor_tar(imp: Imported) -> None:
 # -- real data ------------------------------------------------------------------------------------
 @pytest.mark.realdata
 def test_minbase_flips_and_deletions_repaired_from_tarball(store: Store, tmp_path: Path) -> None:
-    import corpus
+    import testdata as corpus
 
     try:
         tar = corpus.minbase_tar()

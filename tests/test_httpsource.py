@@ -20,16 +20,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import corpus
 import pytest
 from conftest import need_corpus
 
+import testdata as corpus
 from layerstore import Store
 from layerstore.errors import ChunkedError
 from layerstore.sources.base import FileSource
 from layerstore.sources.http import HttpSource
-
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 class _Blob(http.server.BaseHTTPRequestHandler):
@@ -154,8 +152,7 @@ def test_partial_import_from_a_real_registry(tmp_path: Path) -> None:
         if os.geteuid() == 0:
             raise AssertionError("docker-registry is not installed (./dev test installs it)")
         pytest.skip("REAL-TOOL TEST SKIPPED: docker-registry is not installed")
-    sys.path.insert(0, str(TOOLS))
-    import podman_partial
+    from tools import podman_partial
 
     l1 = need_corpus(corpus.buildah_chunked_layout, 1)
     l2 = need_corpus(corpus.buildah_chunked_layout, 2)

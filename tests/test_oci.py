@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import need_corpus
 
+import testdata as corpus
 from layerstore import InUseError, InvalidInputError, NotFoundError, Store
 
-corpus = pytest.importorskip("corpus")
 pytestmark = pytest.mark.realdata
 
 
@@ -347,7 +347,7 @@ def test_exported_layout_accepted_by_skopeo(store: Store, tmp_path: Path, comp: 
     import subprocess
 
     if shutil.which("skopeo") is None:
-        if corpus.os.geteuid() == 0:
+        if os.geteuid() == 0:
             raise AssertionError("skopeo is not installed (./dev test installs it)")
         pytest.skip("REAL-TOOL TEST SKIPPED: skopeo is not installed")
     layout = need_corpus(corpus.umoci_layout)
@@ -409,7 +409,7 @@ def test_exported_layout_pulled_by_podman(store: Store, tmp_path: Path, comp: st
     import subprocess
 
     if shutil.which("podman") is None:
-        if corpus.os.geteuid() == 0:
+        if os.geteuid() == 0:
             raise AssertionError("podman is not installed (./dev test installs it)")
         pytest.skip("REAL-TOOL TEST SKIPPED: podman is not installed")
     layout = need_corpus(corpus.umoci_layout)

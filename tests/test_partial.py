@@ -20,11 +20,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import corpus
 import pytest
 import zstandard
 from conftest import LoopFS, need_corpus
 
+import testdata as corpus
 from layerstore import Store
 from layerstore.chunked.chunker import crc64_iso
 from layerstore.chunked.toc import locate

@@ -19,9 +19,8 @@ import pytest
 from conftest import LoopFS, gnu_untar, need_corpus
 from treecmp import diff_trees
 
+import testdata as corpus
 from layerstore import Store
-
-corpus = pytest.importorskip("corpus")
 
 pytestmark = pytest.mark.realdata
 

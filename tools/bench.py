@@ -51,11 +51,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import corpus  # noqa: E402  (tests/corpus.py: cached real data, stdlib only)
+sys.path.insert(0, str(REPO))  # temporary: until tools/bench is a package
 
 import layerstore  # noqa: E402
+import testdata as corpus  # noqa: E402
 from layerstore import Store  # noqa: E402
 from layerstore.core import leases as ls_leases  # noqa: E402
 from layerstore.core import protocol  # noqa: E402

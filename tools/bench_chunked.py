@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent / "src")]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "src")]  # temporary
 
 import bench  # noqa: E402
-import corpus  # noqa: E402
 
+import testdata as corpus  # noqa: E402
 from layerstore import Store  # noqa: E402
 from layerstore.sources.base import FileSource  # noqa: E402
 

@@ -29,10 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # temporary: until tools/bench is a package
 
-import corpus  # noqa: E402  (tests/corpus.py: cached real data)
-
+import testdata as corpus  # noqa: E402
 from layerstore.chunked.chunker import Chunker, chunk_file, crc64_iso  # noqa: E402
 
 

@@ -57,9 +57,9 @@ Tests should catch :class:`CorpusError` and skip.
 
 Command line (from the repository root)::
 
-    python -m tests.corpus build [-j N]   # build everything; print paths, sizes, counts
-    python -m tests.corpus path NAME      # print one artifact's path (building it if needed)
-    python -m tests.corpus list           # names and whether they are built
+    python -m testdata build [-j N]   # build everything; print paths, sizes, counts
+    python -m testdata path NAME      # print one artifact's path (building it if needed)
+    python -m testdata list           # names and whether they are built
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def tool(name: str) -> str:
             if name in _PACKAGES
             else "install the Debian package that provides it"
         )
-        raise MissingToolError(f"tests/corpus.py needs the `{name}` command; {how}")
+        raise MissingToolError(f"testdata needs the `{name}` command; {how}")
     return found
 
 
@@ -163,7 +163,7 @@ def _require_root() -> None:
     if os.geteuid() != 0:
         raise CorpusError(
             "building the corpus needs root (debootstrap, chroot, device nodes); "
-            "build it once as root with `python -m tests.corpus build`"
+            "build it once as root with `python -m testdata build`"
         )
 
 
@@ -1306,9 +1306,7 @@ def _describe(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.corpus", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m testdata", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build every artifact, print paths, sizes, counts")
     p_build.add_argument("-j", "--jobs", type=int, default=2, help="parallel builds (default 2)")
@@ -1339,7 +1337,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
