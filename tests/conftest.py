@@ -17,9 +17,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import fuzzing  # noqa: F401 - registers and loads the hypothesis profile (ci / long)
+import pytest
 
 from layerstore import Store
 

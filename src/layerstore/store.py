@@ -340,9 +340,7 @@ class Store:
         images.tag(self.repo, src, dst)
 
     # -- maintenance -----------------------------------------------------------------------
-    def gc(
-        self, dry_run: bool = False, progress: Callable[[int], None] | None = None
-    ) -> GcResult:
+    def gc(self, dry_run: bool = False, progress: Callable[[int], None] | None = None) -> GcResult:
         """Unlink unreferenced, unpinned objects and crash leftovers (see ``layerstore.ops.gc``):
         a plan, then its execution.  ``dry_run``: the plan's figures, nothing changed."""
         return gc.collect(self.repo, dry_run=dry_run, progress=progress)
