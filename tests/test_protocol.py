@@ -35,10 +35,13 @@ PROCS = str(Path(__file__).parent / "procs.py")
 
 
 def _commit(
-    repo: Repo, contents: list[bytes], info: dict[str, Any] | None = None
+    repo: Repo,
+    contents: list[bytes],
+    info: dict[str, Any] | None = None,
+    diff_id: bytes | None = None,
 ) -> tuple[bytes, str]:
     """Build and commit a layer of one file per content (through ObjectWriter and
-    commit_layer only); returns its (made-up, but unique per content) DiffID and
+    commit_layer only); returns its DiffID (made up, unique per content, unless given) and
     commit_layer's outcome."""
     stage = repo.new_staging_dir("import")
     w = ObjectWriter(repo, stage)
@@ -55,7 +58,8 @@ def _commit(
         mb3 = w.add_bytes(buf.getvalue())
         w.pin_pending()
         w.publish()
-        diff_id = hashlib.sha256(b"\0".join(contents)).digest()
+        if diff_id is None:
+            diff_id = hashlib.sha256(b"\0".join(contents)).digest()
         rec = {
             "entries": len(contents) + 1,
             "files": len(contents),
@@ -187,25 +191,7 @@ def test_a_proving_import_replaces_an_unproved_record(st: Store) -> None:
     d1 = _layer(repo, [A], unproved)
     assert _refs(repo, A) == 1
     # Same DiffID, other content, proved: its manifest replaces the claim's.
-    stage = repo.new_staging_dir("import")
-    w = ObjectWriter(repo, stage)
-    try:
-        b3 = w.add_bytes(C)
-        buf = io.BytesIO()
-        mw = ManifestWriter(buf)
-        e = Entry("f0", REG, mode=0o644)
-        e.size, e.digest = len(C), b3
-        mw.add(e)
-        mw.close()
-        mb3 = w.add_bytes(buf.getvalue())
-        w.pin_pending()
-        w.publish()
-        info = {"entries": 1, "files": 1, "bytes": len(C), "images": 0, "standalone": True}
-        out = protocol.commit_layer(repo, d1, None, mb3, info, w.pinned)
-    finally:
-        w.close()
-        shutil.rmtree(stage, ignore_errors=True)
-    assert out == "proved"
+    assert _commit(repo, [C], diff_id=d1) == (d1, "proved")
     assert _refs(repo, A) == 0 and _refs(repo, C) == 1
     # ... and an unproved import never replaces a proved record.
     assert _commit(repo, [A], unproved) == (d1, "present")
