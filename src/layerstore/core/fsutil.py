@@ -11,11 +11,12 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import os
 import struct
 import threading
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 FICLONE: Final = 0x40049409
 FICLONERANGE: Final = 0x4020940D
@@ -71,6 +72,18 @@ _libc.renameat2.argtypes = [
 
 
 _AT_FDCWD: Final = -100
+
+
+def write_json_durable(path: str, doc: dict[str, Any], tag: str) -> None:
+    """Replace ``path`` with ``doc`` as JSON: written to ``path.<tag>.tmp`` (``tag`` unique to
+    the writer, e.g. its lease, so two processes never share a temporary), fsynced, renamed
+    over ``path``.  A crash leaves the old file or the new one, never a torn one."""
+    tmp = f"{path}.{tag}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
 
 
 def rename_noreplace(

@@ -20,6 +20,7 @@ import lmdb
 
 from ..errors import ConcurrencyError, InvalidInputError, LayerstoreError, NotFoundError
 from . import layers, protocol
+from .fsutil import write_json_durable
 from .index import layer_unproved
 from .repo import Repo
 
@@ -111,13 +112,7 @@ def backup_path(repo: Repo, name: str) -> str:
 
 def write_backup(repo: Repo, name: str, record: dict[str, Any]) -> None:
     os.makedirs(repo.images_dir, exist_ok=True)  # a store made before image backups existed
-    path = backup_path(repo, name)
-    tmp = f"{path}.{repo.lease.id.hex()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"name": name, **record}, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    write_json_durable(backup_path(repo, name), {"name": name, **record}, repo.lease.id.hex())
 
 
 def remove_backup(repo: Repo, name: str) -> None:
@@ -135,7 +130,7 @@ def read_backups(repo: Repo) -> list[tuple[str, dict[str, Any]]]:
     reports it as image-backup-extra)."""
     out: list[tuple[str, dict[str, Any]]] = []
     try:
-        names = sorted(os.listdir(repo.images_dir))
+        names = os.listdir(repo.images_dir)
     except FileNotFoundError:
         return out
     for fn in names:

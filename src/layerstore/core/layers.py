@@ -10,7 +10,6 @@ deferred removal -- is :mod:`layerstore.core.protocol`'s to decide.
 from __future__ import annotations
 
 import builtins
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import lmdb
 from ..errors import AmbiguousError, CorruptObjectError, InvalidInputError, NotFoundError
 from . import leases
 from .digests import parse_hex
+from .fsutil import write_json_durable
 from .index import layer_unproved
 from .repo import Repo
 
@@ -181,13 +181,9 @@ def backup_path(repo: Repo, diff_id: bytes) -> str:
 
 def write_backup(repo: Repo, diff_id: bytes, rec: dict[str, Any]) -> None:
     """Written *after* the index commit (the index is authoritative; fsck reconciles)."""
-    path = backup_path(repo, diff_id)
-    tmp = f"{path}.{repo.lease.id.hex()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"diff_id": diff_id.hex(), **rec}, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    write_json_durable(
+        backup_path(repo, diff_id), {"diff_id": diff_id.hex(), **rec}, repo.lease.id.hex()
+    )
 
 
 def remove_dropped_backups(repo: Repo) -> None:

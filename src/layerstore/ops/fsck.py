@@ -853,10 +853,7 @@ def _restore_images(repo: Repo, txn: lmdb.Transaction) -> tuple[int, list[str]]:
             restored.append((name, im))
         else:
             skipped.append(name)
-    uses: dict[bytes, int] = {}
-    for _name, im in restored:
-        for h in im["layers"]:
-            uses[bytes.fromhex(h)] = uses.get(bytes.fromhex(h), 0) + 1
+    uses = Counter(bytes.fromhex(h) for _name, im in restored for h in im["layers"])
     for diff_id, rec in idx.iter_layers(txn):
         if rec.get("images", 0) != uses.get(diff_id, 0):
             rec["images"] = uses.get(diff_id, 0)
